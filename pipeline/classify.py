@@ -1,0 +1,196 @@
+"""Turn one reply of the chat-completions endpoint into exactly one outcome. Pure functions.
+
+The outcome is either the list of image references found, or the `ItemError` that says what went wrong
+and whether to retry, stop the item, or stop the whole run (provider contract, section 2). An error's
+`type`/`code` decides first, the HTTP status second, its message text never.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from pipeline.errors import (
+    FatalError,
+    ItemError,
+    NoImageError,
+    PermanentError,
+    RefusalError,
+    RetryableError,
+)
+from pipeline.extract import extract_images
+
+REFUSAL_REASONS = {
+    "content_filter", "safety", "image_safety", "prohibited_content", "image_prohibited_content",
+    "blocklist", "spii", "recitation", "image_recitation", "prompt_blocked",
+}  # fmt: skip
+FATAL_CODES = {
+    "insufficient_quota", "insufficient_user_quota", "invalid_api_key", "authentication_error",
+    "permission_denied", "unauthenticated", "account_deactivated", "billing_not_active",
+}  # fmt: skip
+PERMANENT_CODES = {"convert_request_failed", "invalid_argument", "model_not_found", "not_found"}
+RETRYABLE_CODES = {
+    "rate_limit_exceeded", "resource_exhausted", "unavailable", "internal", "server_error",
+    "deadline_exceeded", "overloaded", "upstream_error", "timeout",
+}  # fmt: skip
+MAX_MESSAGE = 500
+
+
+def classify(
+    status: int, headers: dict[str, str], body: bytes, now: datetime | None = None
+) -> list[str] | ItemError:
+    """Images found, or the error this reply amounts to."""
+    retry_after = parse_retry_after(headers.get("retry-after"), now or datetime.now(UTC))
+    text = body.decode("utf-8", "replace").strip()
+    data = _json(text)
+    error = _error_object(data)
+    if error is not None:
+        return _from_error(status, error, retry_after)
+    if status >= 300 or data is None:
+        return _from_status(status, _describe_body(status, text), retry_after)
+    images = extract_images(data)
+    return images or _no_image(data)
+
+
+def _json(text: str) -> Any:
+    if not text.startswith(("{", "[")):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _error_object(data: Any) -> dict[str, Any] | None:
+    """The `error` of a body, on any status, also inside a JSON array; None when there is none."""
+    for item in data if isinstance(data, list) else [data]:
+        if isinstance(item, dict) and item.get("error"):
+            error = item["error"]
+            return error if isinstance(error, dict) else {"message": str(error)}
+    return None
+
+
+def _from_error(status: int, error: dict[str, Any], retry_after: float | None) -> ItemError:
+    codes = {str(error.get(k)).lower() for k in ("type", "code", "status") if error.get(k)}
+    message = _message(error)
+    delay = retry_after if retry_after is not None else gemini_retry_delay(error)
+    if codes & FATAL_CODES:
+        return FatalError(message)
+    if codes & REFUSAL_REASONS:
+        return RefusalError(message)
+    if codes & PERMANENT_CODES:
+        return PermanentError(message)
+    if codes & RETRYABLE_CODES:
+        return RetryableError(message, retry_after=delay, kind=_retry_kind(status))
+    numeric = error.get("code") if isinstance(error.get("code"), int) else None
+    effective = status if status >= 400 else numeric or 503
+    return _from_status(effective, message, delay)
+
+
+def _from_status(status: int, message: str, retry_after: float | None) -> ItemError:
+    if status in (401, 403):
+        return FatalError(message)
+    if status in (408, 429) or status >= 500 or status < 300:
+        return RetryableError(message, retry_after=retry_after, kind=_retry_kind(status))
+    return PermanentError(message)
+
+
+def _retry_kind(status: int) -> str:
+    return {429: "rate_limited", 408: "timeout"}.get(status, "server_error")
+
+
+def _message(error: dict[str, Any]) -> str:
+    parts = [str(error.get("message") or "").strip()]
+    for key in ("type", "code"):
+        if error.get(key) not in (None, ""):
+            parts.append(f"{key}={error[key]}")
+    text = " ".join(p for p in parts if p) or "error with no message"
+    return _clip(text)
+
+
+def _describe_body(status: int, text: str) -> str:
+    if not text:
+        return f"HTTP {status} with an empty body"
+    if text.startswith("<") or "<html" in text[:200].lower():
+        title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
+        return f"HTTP {status} HTML page" + (f": {title.group(1).strip()}" if title else "")
+    return _clip(f"HTTP {status}: {text}")
+
+
+def _clip(text: str) -> str:
+    """One line, bounded, keeping any `(request id: ...)` even when the rest is cut."""
+    text = " ".join(text.split())
+    if len(text) <= MAX_MESSAGE:
+        return text
+    request_id = re.search(r"\(request id: [^)]*\)", text)
+    return text[: MAX_MESSAGE - 60] + "..." + (f" {request_id.group(0)}" if request_id else "")
+
+
+def _no_image(data: Any) -> ItemError:
+    reasons = finish_reasons(data)
+    refused = [r for r in reasons if r.lower() in REFUSAL_REASONS]
+    if refused:
+        return RefusalError(f"refused by the provider: {refused[0]}")
+    said = " ".join(_texts(data))[:200]
+    detail = f" (finish_reason {', '.join(reasons)})" if reasons else ""
+    return NoImageError(_clip(f"reply has no image{detail}" + (f": {said}" if said else "")))
+
+
+def finish_reasons(data: Any) -> list[str]:
+    """Every finish or block reason in a reply: OpenAI choices and native Gemini fields alike."""
+    if not isinstance(data, dict):
+        return []
+    found = [c.get("finish_reason") for c in _dicts(data.get("choices"))]
+    found += [c.get("finishReason") or c.get("finish_reason") for c in _dicts(data.get("candidates"))]
+    feedback = data.get("promptFeedback") or data.get("prompt_feedback")
+    if isinstance(feedback, dict):
+        found.append(feedback.get("blockReason") or feedback.get("block_reason"))
+    return [str(r) for r in found if r]
+
+
+def _texts(data: Any) -> list[str]:
+    texts = []
+    for choice in _dicts(data.get("choices") if isinstance(data, dict) else None):
+        message = choice.get("message") or choice.get("delta") or {}
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            texts.append(message["content"])
+    return texts
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """`Retry-After` as seconds to wait: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - now).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def gemini_retry_delay(error: dict[str, Any]) -> float | None:
+    """A Gemini `RetryInfo.retryDelay` ("34s") inside the error's details, in seconds."""
+    for detail in _dicts(error.get("details")):
+        delay = detail.get("retryDelay") or detail.get("retry_delay")
+        if isinstance(delay, str):
+            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", delay)
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def backoff_delay(attempt: int, rng: random.Random, base: float = 1.0, cap: float = 60.0) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * 2 ** min(attempt, 30)))

@@ -1,0 +1,269 @@
+"""The command line: parses arguments, owns the terminal (progress, logs, summary) and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from pipeline.errors import ManifestError, OutputLockedError
+from pipeline.manifest import Manifest, count_items, load_manifest
+from pipeline.runner import Event, Runner, RunOptions, Summary
+from pipeline.secret import Secret
+from pipeline.simulator import SimConfig, Simulator
+
+EXIT_USAGE, EXIT_LOCKED = 2, 75
+LOG_EVERY_S = 5.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.command(args))
+    except ManifestError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except OutputLockedError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="generate every item of a manifest (resumable)")
+    run.add_argument("manifest", type=Path)
+    run.add_argument("--output", type=Path, help="output folder (default: the manifest's)")
+    run.add_argument("--concurrency", type=_positive, help="generation requests in flight at most")
+    run.add_argument("--retry-failed", action="store_true", help="also retry items failed for good")
+    run.add_argument("--max-requests", type=_positive, help="send at most N generation requests")
+    run.add_argument("--max-duration", type=float, metavar="SECONDS", help="take no new items after this")
+    run.add_argument("--grace-s", type=float, default=30.0, help="on a stop, time for in-flight work")
+    run.add_argument("--quiet", action="store_true", help="print only the summary and errors")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--simulate", action="store_true", help="use the built-in provider simulator")
+    run.add_argument("--sim-latency", type=float, default=0.0, metavar="SECONDS")
+    run.set_defaults(command=_run)
+
+    validate = commands.add_parser("validate", help="check a manifest; no request is made")
+    validate.add_argument("manifest", type=Path)
+    validate.set_defaults(command=_validate)
+
+    sim = commands.add_parser("simulate", help="serve the provider simulator until interrupted")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--image-port", type=int, default=0)
+    sim.add_argument("--key", default="sim-key")
+    sim.add_argument("--latency", type=float, default=1.0)
+    sim.add_argument("--jitter", type=float, default=0.5)
+    sim.add_argument("--seed", type=int, default=0)
+    for fault in ("429", "429_retry_after", "500", "reset", "refusal", "truncate"):
+        sim.add_argument(f"--rate-{fault.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{fault}")
+    sim.set_defaults(command=_simulate)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _validate(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    print(f"{args.manifest}: valid: {len(manifest.jobs)} jobs, {count_items(manifest)} items")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    if args.concurrency:
+        manifest = manifest.model_copy(update={"concurrency": args.concurrency})
+    output = args.output or manifest.output_dir(args.manifest)
+    if args.simulate:
+        return asyncio.run(_run_simulated(args, manifest, output))
+    base_url, key = _provider(args.manifest, manifest)
+    return asyncio.run(_run_with(args, manifest, output, RunOptions(base_url, key, **_budget(args))))
+
+
+def _provider(source: Path, manifest: Manifest) -> tuple[str, Secret]:
+    """The API's base URL and key, from the manifest and the environment, or every problem."""
+    problems = []
+    base_url = manifest.api.base_url or os.environ.get("IMAGE_API_BASE_URL", "")
+    if not base_url:
+        problems.append(f"{source}: api.base_url: not set, and IMAGE_API_BASE_URL is empty")
+    key = os.environ.get(manifest.api.api_key_env, "")
+    if not key:
+        problems.append(
+            f"{source}: api.api_key_env: environment variable {manifest.api.api_key_env} is not set"
+            " (or use --simulate)"
+        )
+    if problems:
+        raise ManifestError(problems)
+    return base_url.rstrip("/"), Secret(key)
+
+
+def _budget(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "retry_failed": args.retry_failed,
+        "max_requests": args.max_requests,
+        "max_duration_s": args.max_duration,
+        "grace_s": args.grace_s,
+    }
+
+
+async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
+    key = f"sim-{secrets.token_hex(8)}"
+    simulator = Simulator(SimConfig(key=key, latency_s=args.sim_latency, jitter_s=args.sim_latency / 2))
+    await simulator.start()
+    try:
+        return await _run_with(
+            args, manifest, output, RunOptions(simulator.base_url, Secret(key), **_budget(args))
+        )
+    finally:
+        await simulator.stop()
+
+
+async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Path, options: RunOptions) -> int:
+    display = _Display(args.quiet, args.log_format, sys.stdout)
+    runner = Runner(manifest, output, options, display.event)
+    loop = asyncio.get_running_loop()
+    for signum, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+        loop.add_signal_handler(signum, _on_signal(runner, display, name, signum))
+    display.start(runner.summary, output)
+    ticker = asyncio.create_task(display.tick(runner.summary))
+    try:
+        summary = await runner.run()
+    finally:
+        ticker.cancel()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    display.finish(summary, output)
+    return summary.exit_code
+
+
+def _on_signal(runner: Runner, display: _Display, name: str, signum: int) -> Callable[[], None]:
+    def handle() -> None:
+        display.note(f"{name}: finishing in-flight work (again to stop at once)")
+        runner.stop("interrupted", signum)
+
+    return handle
+
+
+class _Display:
+    """Progress as a tqdm bar on a terminal, else a plain line every few seconds; or JSON lines."""
+
+    def __init__(self, quiet: bool, log_format: str, out: TextIO) -> None:
+        self._quiet, self._json, self._out = quiet, log_format == "json", out
+        self._bar: tqdm[Any] | None = None
+        self._last_log = time.monotonic()
+
+    def start(self, summary: Summary, output: Path) -> None:
+        self._emit(
+            "run_start",
+            f"{summary.total} items -> {output}",
+            total=summary.total,
+            output=str(output),
+        )
+        if not self._quiet and not self._json and self._out.isatty():
+            self._bar = tqdm(total=summary.total, unit="img", dynamic_ncols=True, file=self._out)
+
+    def event(self, event: Event) -> None:
+        if event.kind in ("failed", "warning"):
+            self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", always=True,
+                       item=event.item, message=event.message)  # fmt: skip
+        elif event.kind == "done" and self._json:
+            self._emit("item_done", "", item=event.item, file=event.message)
+
+    def note(self, text: str) -> None:
+        self._emit("note", text, always=True, message=text)
+
+    async def tick(self, summary: Summary) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            if self._bar is not None:
+                self._bar.n = summary.done + summary.skipped + sum(summary.failed.values())
+                self._bar.set_postfix(
+                    failed=sum(summary.failed.values()), requests=summary.requests, refresh=False
+                )
+                self._bar.refresh()
+            elif time.monotonic() - self._last_log >= LOG_EVERY_S:
+                self._last_log = time.monotonic()
+                finished = summary.done + summary.skipped
+                self._emit("progress", f"progress: {finished}/{summary.total} done, "
+                           f"{sum(summary.failed.values())} failed, {summary.requests} requests",
+                           done=finished, total=summary.total)  # fmt: skip
+
+    def finish(self, summary: Summary, output: Path) -> None:
+        if self._bar is not None:
+            self._bar.n = summary.done + summary.skipped + sum(summary.failed.values())
+            self._bar.close()
+        if self._json:
+            print(json.dumps({"event": "summary", **summary.as_dict()}), file=self._out, flush=True)
+            return
+        print(format_summary(summary, output), file=self._out, flush=True)
+
+    def _emit(self, event: str, text: str, always: bool = False, **fields: Any) -> None:
+        if self._json:
+            print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, ensure_ascii=False),
+                  file=self._out, flush=True)  # fmt: skip
+        elif text and (always or not self._quiet):
+            if self._bar is not None:
+                self._bar.write(text, file=self._out)
+            else:
+                print(text, file=sys.stderr if always else self._out, flush=True)
+
+
+def format_summary(summary: Summary, output: Path) -> str:
+    failed = sum(summary.failed.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in summary.failed.most_common())
+    retries = sum(summary.retries.values())
+    lines = [
+        f"done {summary.done + summary.skipped} of {summary.total} "
+        f"(new {summary.done}, already done {summary.skipped}), "
+        f"failed {failed}{f' ({reasons})' if reasons else ''}, remaining {summary.remaining}",
+        f"requests {summary.requests}, downloads {summary.downloads}, retries {retries}, "
+        f"warnings {summary.warnings}, elapsed {summary.elapsed_s:.1f}s",
+        f"output: {output}/ (images/, metadata.jsonl, failures.jsonl)",
+    ]
+    if summary.fatal:
+        lines.insert(0, f"stopped: fatal provider error: {summary.fatal}")
+    elif summary.stopped:
+        lines.insert(0, f"stopped early: {summary.stopped}; rerun the same command to finish")
+    return "\n".join(lines)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    rates = {k: v for k, v in vars(args).items() if k.startswith("rate_")}
+    config = SimConfig(key=args.key, latency_s=args.latency, jitter_s=args.jitter, seed=args.seed, **rates)
+
+    async def serve() -> None:
+        simulator = Simulator(config)
+        await simulator.start(args.host, args.port, args.image_port)
+        print(
+            f"simulator: IMAGE_API_BASE_URL={simulator.base_url} IMAGE_API_KEY={config.key}",
+            flush=True,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await simulator.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,80 @@
+"""The chat-completions client: one paid generation request per call, its reply classified.
+
+aiohttp's exceptions become the pipeline's errors here and nowhere else. The API key goes only into
+the `Authorization` header of requests to `base_url`; redirects from the API are not followed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from pipeline.classify import classify
+from pipeline.errors import ItemError, RetryableError
+from pipeline.manifest import Item
+from pipeline.secret import Secret
+
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+
+
+def request_body(item: Item) -> dict[str, Any]:
+    """The body of provider contract section 1, `extra_body` as a literal top-level key."""
+    return {
+        "model": item.model,
+        "messages": [{"role": "user", "content": item.prompt}],
+        "extra_body": {"google": {"image_config": {"aspect_ratio": item.aspect_ratio}}},
+    }
+
+
+class Client:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        key: Secret,
+        *,
+        timeout_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        self._session = session
+        self._url = f"{base_url.rstrip('/')}/chat/completions"
+        self._key = key
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s + connect_timeout_s, sock_connect=connect_timeout_s, sock_read=timeout_s
+        )
+
+    async def generate(self, item: Item) -> list[str]:
+        """The image references of one generation, or raise the ItemError the reply amounts to."""
+        headers = {"Authorization": f"Bearer {self._key.reveal()}"}
+        try:
+            async with self._session.post(
+                self._url,
+                json=request_body(item),
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                body = await _read_capped(resp)
+                status, reply_headers = resp.status, {k.lower(): v for k, v in resp.headers.items()}
+        except TimeoutError as exc:
+            raise RetryableError("generation request timed out", kind="timeout") from exc
+        except aiohttp.ClientError as exc:
+            reason = self._key.redact(str(exc) or type(exc).__name__)
+            raise RetryableError(f"connection failed: {reason}", kind="network") from exc
+        outcome = classify(status, reply_headers, body)
+        if isinstance(outcome, ItemError):
+            outcome.message = self._key.redact(outcome.message)
+            outcome.args = (outcome.message,)
+            raise outcome
+        return outcome
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise RetryableError(f"reply larger than {MAX_REPLY_BYTES} bytes", kind="server_error")
+        chunks.append(chunk)
+    return b"".join(chunks)

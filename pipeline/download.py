@@ -1,0 +1,147 @@
+"""Fetch an image reference into `images/` safely.
+
+The bytes stream into `.partial/`, are checked (complete, under the size cap, decodable, of sane
+dimensions), fsynced, and only then renamed into `images/<name>.<ext>`, the extension from the real
+format. No request here ever carries the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import aiohttp
+from PIL import Image
+
+from pipeline.errors import DownloadError, PermanentError, UrlGoneError
+from pipeline.extract import decode_data_uri
+
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+MAX_PIXELS = 40_000_000
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    file: str  # relative to the output folder: images/<name>.<ext>
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+
+
+class Downloader:
+    def __init__(
+        self, session: aiohttp.ClientSession, output: Path, *, max_bytes: int, timeout_s: float
+    ) -> None:
+        self._session = session
+        self._output = output
+        self._partial = output / ".partial"
+        self._max_bytes = max_bytes
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10, sock_read=30)
+
+    async def fetch(self, ref: str, name: str) -> StoredImage:
+        tmp = self._partial / f"{name}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            if ref.startswith("data:"):
+                digest, size = await self._write_inline(ref, tmp)
+            elif ref.startswith(("http://", "https://")):
+                digest, size = await self._stream(ref, tmp)
+            else:
+                raise PermanentError(
+                    f"refused image reference {ref[:40]!r}: only http(s) and data: URIs",
+                    kind="bad_reference",
+                )
+            return await asyncio.to_thread(self._commit, tmp, name, digest, size)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def _write_inline(self, ref: str, tmp: Path) -> tuple[str, int]:
+        try:
+            data = decode_data_uri(ref)
+        except ValueError as exc:
+            raise UrlGoneError(f"inline image unreadable: {exc}") from exc
+        self._check_size(len(data))
+        async with aiofiles.open(tmp, "wb") as out:
+            await out.write(data)
+        return hashlib.sha256(data).hexdigest(), len(data)
+
+    async def _stream(self, url: str, tmp: Path) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        try:
+            async with self._session.get(url, timeout=self._timeout, max_redirects=5) as resp:
+                _check_status(resp.status)
+                self._check_size(resp.content_length or 0)
+                async with aiofiles.open(tmp, "wb") as out:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        size += len(chunk)
+                        self._check_size(size)
+                        digest.update(chunk)
+                        await out.write(chunk)
+                if resp.content_length is not None and size != resp.content_length:
+                    raise DownloadError(f"truncated: {size} of {resp.content_length} bytes")
+        except TimeoutError as exc:
+            raise DownloadError("image download timed out") from exc
+        except aiohttp.TooManyRedirects as exc:
+            raise UrlGoneError("image URL redirects too many times") from exc
+        except aiohttp.ClientError as exc:
+            raise DownloadError(f"image download failed: {type(exc).__name__}") from exc
+        return digest.hexdigest(), size
+
+    def _check_size(self, size: int) -> None:
+        if size > self._max_bytes:
+            raise PermanentError(
+                f"image larger than the {self._max_bytes} byte download cap", kind="too_large"
+            )
+
+    def _commit(self, tmp: Path, name: str, digest: str, size: int) -> StoredImage:
+        """Blocking: verify, flush to disk, rename into place. Runs in a worker thread."""
+        try:
+            ext, width, height = inspect_image(tmp)
+        except ValueError as exc:
+            raise DownloadError(f"not a usable image: {exc}") from exc
+        fsync_path(tmp)
+        relative = f"images/{name}.{ext}"
+        tmp.replace(self._output / relative)
+        fsync_path(self._output / "images")
+        return StoredImage(relative, digest, size, width, height)
+
+
+def _check_status(status: int) -> None:
+    if status == 200:
+        return
+    if status in (408, 429) or status >= 500:
+        raise DownloadError(f"image host answered HTTP {status}")
+    raise UrlGoneError(f"image host answered HTTP {status}: the URL expired or is gone")
+
+
+def inspect_image(path: Path) -> tuple[str, int, int]:
+    """(extension, width, height) of an image file after decoding it whole; ValueError if unusable.
+
+    The dimensions are checked from the header before any pixel is decoded (decompression bombs).
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{width}x{height} pixels is over the {MAX_PIXELS} pixel limit")
+            if image.format not in EXTENSIONS:
+                raise ValueError(f"unsupported format {image.format}")
+            image.load()
+            return EXTENSIONS[image.format], width, height
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,275 @@
+"""The job manifest: YAML in, a validated `Manifest` and its `Item`s out.
+
+Every problem is found before the first request and reported with its place,
+`FILE: jobs[3].aspect_ratio: "7:3" is not one of ... (line 12)`, all at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ManifestError
+
+# The provider's ten presets and the pixel size each produces (provider contract, section 1).
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "2:3": (832, 1248),
+    "3:2": (1248, 832),
+    "3:4": (864, 1184),
+    "4:3": (1184, 864),
+    "4:5": (896, 1152),
+    "5:4": (1152, 896),
+    "9:16": (768, 1344),
+    "16:9": (1344, 768),
+    "21:9": (1536, 672),
+}
+AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
+assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+MAX_MANIFEST_BYTES = 5_000_000
+MAX_DEPTH = 20
+SECRET_KEYS = {"api_key", "key", "token", "apikey", "authorization", "secret"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Api(_Strict):
+    base_url: str | None = None
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "IMAGE_API_KEY"
+    model: Annotated[str, Field(min_length=1)] = "gemini-2.5-flash-image"
+    timeout_s: Annotated[float, Field(gt=0)] = 180.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+
+class Defaults(_Strict):
+    aspect_ratio: AspectRatio = "1:1"
+    count: Annotated[int, Field(ge=1)] = 1
+
+
+class Job(_Strict):
+    id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
+    prompt: Annotated[str, Field(min_length=1, max_length=32_000)]
+    aspect_ratio: AspectRatio | None = None
+    count: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class Manifest(_Strict):
+    name: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
+    output: Annotated[str, Field(min_length=1)] | None = None
+    api: Api = Api()
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
+    download_concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    url_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
+    download_max_mb: Annotated[float, Field(gt=0)] = 50.0
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    defaults: Defaults = Defaults()
+    jobs: Annotated[list[Job], Field(min_length=1)]
+
+    def output_dir(self, source: Path) -> Path:
+        return Path(self.output) if self.output else Path("output") / (self.name or source.stem)
+
+    @property
+    def downloads_in_flight(self) -> int:
+        return self.download_concurrency or 2 * self.concurrency
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One image to make: the `index`-th image of job `id`."""
+
+    id: str
+    index: int
+    prompt: str
+    aspect_ratio: str
+    model: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}_{self.index}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Covers everything that changes the image: a new fingerprint means a new image."""
+        return item_fingerprint(self.prompt, self.aspect_ratio, self.model)
+
+
+def item_fingerprint(prompt: str, aspect_ratio: str, model: str) -> str:
+    return hashlib.sha256(f"{model}\x1f{aspect_ratio}\x1f{prompt}".encode()).hexdigest()[:20]
+
+
+def derive_id(prompt: str) -> str:
+    """A readable, stable id from a prompt: a short slug plus a hash of the whole prompt."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-")
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}" if slug else f"p-{digest}"
+
+
+def job_id(job: Job) -> str:
+    return job.id or derive_id(job.prompt)
+
+
+def iter_items(manifest: Manifest) -> Iterator[Item]:
+    """Every item of the manifest, in manifest order, one at a time."""
+    model = manifest.api.model
+    for job in manifest.jobs:
+        ratio = job.aspect_ratio or manifest.defaults.aspect_ratio
+        for index in range(job.count or manifest.defaults.count):
+            yield Item(job_id(job), index, job.prompt, ratio, model)
+
+
+def count_items(manifest: Manifest) -> int:
+    return sum(job.count or manifest.defaults.count for job in manifest.jobs)
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read, parse and validate a manifest, or raise ManifestError listing every problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError([f"{path}: too large ({len(raw)} bytes, limit {MAX_MANIFEST_BYTES})"])
+    data, lines = _parse_yaml(path, raw)
+    if not isinstance(data, dict):
+        raise ManifestError([f"{path}: must be a mapping with a `jobs` list, got {_kind(data)}"])
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(
+            [_problem(path, lines, _loc(e["loc"]), _describe(e)) for e in exc.errors()]
+        ) from None
+    problems = [_problem(path, lines, place, text) for place, text in _duplicate_ids(manifest)]
+    if problems:
+        raise ManifestError(problems)
+    return manifest
+
+
+def _parse_yaml(path: Path, raw: bytes) -> tuple[Any, dict[str, int]]:
+    loader = yaml.SafeLoader(raw)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ManifestError(["is empty"])
+        lines: dict[str, int] = {}
+        _index_lines(node, "", lines, set(), 0)
+        return loader.construct_document(node), lines
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise ManifestError([f"{path}: not valid YAML: {exc.problem}{line}"]) from None
+    except yaml.YAMLError as exc:
+        raise ManifestError([f"{path}: not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ManifestError([f"{path}: nested too deeply"]) from None
+    except ManifestError as exc:
+        raise ManifestError([f"{path}: {problem}" for problem in exc.problems]) from None
+    finally:
+        loader.dispose()
+
+
+def _index_lines(node: yaml.Node, place: str, lines: dict[str, int], seen: set[int], depth: int) -> None:
+    """Map each place (`jobs[3].prompt`) to its 1-based line; refuse aliases and deep nesting."""
+    if id(node) in seen:
+        raise ManifestError([f"YAML aliases are not allowed (line {node.start_mark.line + 1})"])
+    if depth > MAX_DEPTH:
+        raise ManifestError([f"nested deeper than {MAX_DEPTH} levels (line {node.start_mark.line + 1})"])
+    seen.add(id(node))
+    lines[place] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = f"{place}.{key.value}" if place else str(key.value)
+            _index_lines(value, child, lines, seen, depth + 1)
+            lines.setdefault(child, key.start_mark.line + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _index_lines(value, f"{place}[{i}]", lines, seen, depth + 1)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    place = ""
+    for part in loc:
+        place += f"[{part}]" if isinstance(part, int) else (f".{part}" if place else str(part))
+    return place
+
+
+def _problem(path: Path, lines: dict[str, int], place: str, text: str) -> str:
+    """`FILE: place: what is wrong (line N)`, the line of the place or of its nearest parent."""
+    parent = place
+    while parent and parent not in lines:
+        parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", parent)
+    line = f" (line {lines[parent]})" if parent in lines else ""
+    return f"{path}: {place}: {text}{line}" if place else f"{path}: {text}{line}"
+
+
+def _describe(error: Any) -> str:
+    kind, value, place = error["type"], error.get("input"), _loc(error["loc"])
+    last = str(error["loc"][-1]) if error["loc"] else ""
+    if kind == "extra_forbidden":
+        if last.lower() in SECRET_KEYS:
+            return (
+                "API keys do not belong in the manifest: put the key in an environment variable"
+                " and name it in api.api_key_env"
+            )
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind == "literal_error":
+        allowed = ", ".join(f'"{r}"' for r in ASPECT_RATIOS)
+        hint = " (quote it: YAML reads 16:9 unquoted as a number)" if isinstance(value, int) else ""
+        return f"{_show(value)} is not one of {allowed}{hint}"
+    if kind == "string_pattern_mismatch" and last == "id":
+        return f"{_show(value)} must be 1-100 characters of A-Z a-z 0-9 . _ -"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{message}, got {_show(value)}" if place else message
+
+
+def _show(value: Any) -> str:
+    text = (
+        f'"{value}"'
+        if isinstance(value, str)
+        else _kind(value)
+        if isinstance(value, dict | list)
+        else repr(value)
+    )
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _duplicate_ids(manifest: Manifest) -> Iterator[tuple[str, str]]:
+    first: dict[str, int] = {}
+    for i, job in enumerate(manifest.jobs):
+        ident = job_id(job)
+        if ident in first:
+            how = "" if job.id else " (derived from the prompt: give one of them an `id`)"
+            yield f"jobs[{i}].id", f'"{ident}" is also the id of jobs[{first[ident]}]{how}'
+        else:
+            first[ident] = i

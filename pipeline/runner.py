@@ -1,0 +1,351 @@
+"""The run: plan each item, generate, download, record; never pay twice for an image.
+
+Items stream from the manifest one at a time; a slot is taken before an item's task is created, so a
+million-item manifest is never a million tasks. Generation requests are bounded by the adaptive
+limiter, downloads by their own semaphore, so a download never holds a generation slot and starts as
+soon as its URL arrives. Each item's life is one coroutine; a failure is recorded, never raised.
+The core never prints: it reports through `on_event` and the returned `Summary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiolimiter import AsyncLimiter
+
+from pipeline.classify import backoff_delay
+from pipeline.client import Client
+from pipeline.dataset import write_dataset
+from pipeline.download import Downloader, StoredImage, inspect_image
+from pipeline.errors import (
+    DownloadError,
+    FatalError,
+    ItemError,
+    NoImageError,
+    UrlGoneError,
+)
+from pipeline.limiter import AdaptiveLimiter
+from pipeline.lock import OutputLock
+from pipeline.manifest import ASPECT_RATIOS, Item, Manifest, count_items, iter_items
+from pipeline.plan import Step, decide
+from pipeline.secret import Secret
+from pipeline.state import Row, State
+
+DOWNLOAD_TRIES = 3
+MAX_PAUSE_S = 900.0  # a Retry-After longer than this is honoured as this
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    base_url: str
+    key: Secret
+    retry_failed: bool = False
+    max_requests: int | None = None
+    max_duration_s: float | None = None
+    grace_s: float = 30.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str  # done | failed | retry | warning
+    item: str
+    message: str = ""
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    done: int = 0  # finished by this run
+    skipped: int = 0  # already done before this run
+    failed: Counter[str] = field(default_factory=Counter)  # items failed now, by reason
+    requests: int = 0  # generation requests sent (each may be billed)
+    retries: Counter[str] = field(default_factory=Counter)  # by error kind
+    downloads: int = 0
+    warnings: int = 0
+    elapsed_s: float = 0.0
+    stopped: str | None = None  # why the run stopped taking new items early
+    fatal: str | None = None
+    signal: int | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done - self.skipped - sum(self.failed.values())
+
+    @property
+    def exit_code(self) -> int:
+        if self.signal is not None:
+            return 128 + self.signal
+        if self.fatal:
+            return 3
+        return 1 if self.failed else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total, "done": self.done, "skipped": self.skipped,
+            "failed": dict(self.failed), "remaining": self.remaining, "requests": self.requests,
+            "retries": dict(self.retries), "downloads": self.downloads, "warnings": self.warnings,
+            "elapsed_s": round(self.elapsed_s, 3), "stopped": self.stopped, "fatal": self.fatal,
+            "exit_code": self.exit_code,
+        }  # fmt: skip
+
+
+class Runner:
+    def __init__(
+        self,
+        manifest: Manifest,
+        output: Path,
+        options: RunOptions,
+        on_event: Callable[[Event], None] = lambda event: None,
+    ) -> None:
+        self.manifest = manifest
+        self.output = output
+        self.options = options
+        self.summary = Summary(total=count_items(manifest))
+        self._on_event = on_event
+        self._rng = random.Random(options.seed)
+        self._limiter = AdaptiveLimiter(manifest.concurrency)
+        rpm = manifest.requests_per_minute
+        self._rate = AsyncLimiter(1, 60.0 / rpm) if rpm else None
+        self._downloads = asyncio.Semaphore(manifest.downloads_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> Summary:
+        started = time.monotonic()
+        for folder in (self.output / "images", self.output / ".partial"):
+            folder.mkdir(parents=True, exist_ok=True)
+        with OutputLock(self.output):
+            shutil.rmtree(self.output / ".partial")
+            (self.output / ".partial").mkdir()
+            self._state = State(self.output / "state.db")
+            run_id = self._state.start_run()
+            try:
+                await self._run_all()
+            finally:
+                self.summary.elapsed_s = time.monotonic() - started
+                write_dataset(self._state, self.output)
+                self._state.end_run(run_id, self.summary.exit_code, self.summary.as_dict())
+                self._state.close()
+        return self.summary
+
+    def stop(self, reason: str, signal: int | None = None) -> None:
+        """Take no new items; in-flight ones get `grace_s` to finish. A second stop cancels them."""
+        if signal is not None:
+            self.summary.signal = signal
+        if self._stopping.is_set():
+            for task in self._tasks:
+                task.cancel()
+            return
+        self.summary.stopped = reason
+        self._stopping.set()
+
+    async def _run_all(self) -> None:
+        limit = self.manifest.concurrency + self.manifest.downloads_in_flight
+        connector = aiohttp.TCPConnector(limit=limit + 4)
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+            api = self.manifest.api
+            self._client = Client(
+                session, self.options.base_url, self.options.key,
+                timeout_s=api.timeout_s, connect_timeout_s=api.connect_timeout_s,
+            )  # fmt: skip
+            self._downloader = Downloader(
+                session, self.output,
+                max_bytes=int(self.manifest.download_max_mb * 1_000_000), timeout_s=api.timeout_s,
+            )  # fmt: skip
+            watchdog = asyncio.create_task(self._watchdog())
+            try:
+                await self._feed(asyncio.Semaphore(limit))
+            finally:
+                watchdog.cancel()
+
+    async def _feed(self, slots: asyncio.Semaphore) -> None:
+        async with asyncio.TaskGroup() as group:
+            for item in iter_items(self.manifest):
+                if self._stopping.is_set():
+                    break
+                row = self._state.get(item)
+                step = self._decide(item, row)
+                if step is Step.DONE:
+                    self.summary.skipped += 1
+                    continue
+                if step is Step.FAILED and row:
+                    self.summary.failed[row.error_type or "error"] += 1
+                    continue
+                await slots.acquire()
+                task = group.create_task(self._process(item, step, row))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _: slots.release())
+
+    def _decide(self, item: Item, row: Row | None) -> Step:
+        exists = row is not None and row.image is not None and (self.output / str(row.image_file)).exists()
+        url_ttl = self.manifest.url_ttl_s
+        return decide(item, row, exists, time.time(), url_ttl, self.options.retry_failed)
+
+    async def _watchdog(self) -> None:
+        """Stops the run at --max-duration; cancels what is left when the grace period ends."""
+        limit = self.options.max_duration_s
+        if limit is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), limit)
+            self.stop("max_duration")
+        await self._stopping.wait()
+        await asyncio.sleep(self.options.grace_s)
+        for task in self._tasks:
+            task.cancel()
+
+    async def _process(self, item: Item, step: Step, row: Row | None) -> None:
+        if step in (Step.DOWNLOAD, Step.ADOPT) and self._adopt(item, row):
+            return
+        ref = row.url if step is Step.DOWNLOAD and row else None
+        attempts = 0
+        while True:
+            if ref is None:
+                try:
+                    ref = await self._generate(item)
+                except ItemError as exc:
+                    attempts += 1
+                    delay = self._after_failure(item, exc, attempts)
+                    if delay is None:
+                        return
+                    await self._pause(delay)
+                    continue
+                if ref is None:
+                    return  # the run is stopping; the item stays resumable
+                attempts += 1
+                self._state.record_generated(item, ref if not ref.startswith("data:") else None, attempts)
+            try:
+                stored = await self._download(item, ref)
+            except ItemError as exc:
+                ref = None
+                if isinstance(exc, UrlGoneError | DownloadError) and attempts < self.manifest.max_attempts:
+                    self.summary.retries[exc.kind] += 1
+                    self._emit("retry", item, exc.message)
+                    continue
+                self._fail(item, exc, attempts)
+                return
+            self._finish(item, stored)
+            return
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep before a retry; a stop ends the pause at once (the item then stays resumable)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), min(seconds, MAX_PAUSE_S))
+
+    def _may_send(self) -> bool:
+        budget = self.options.max_requests
+        if budget is not None and self.summary.requests >= budget:
+            self.stop("max_requests")
+        return not self._stopping.is_set()
+
+    async def _generate(self, item: Item) -> str | None:
+        """One paid request: the first image reference, or None when the run may send no more."""
+        if self._rate:
+            await self._rate.acquire()
+        async with self._limiter.slot() as granted_at:
+            if not self._may_send():
+                return None
+            self.summary.requests += 1
+            try:
+                refs = await self._client.generate(item)
+            except ItemError as exc:
+                if exc.kind == "rate_limited":
+                    self._limiter.throttled(granted_at)
+                raise
+        await self._limiter.succeeded()
+        return refs[0]
+
+    def _after_failure(self, item: Item, exc: ItemError, attempts: int) -> float | None:
+        """Seconds to wait before trying again, or None when the item is settled (or the run over)."""
+        if isinstance(exc, FatalError):
+            self.summary.fatal = exc.message
+            self.stop("fatal")
+            return None
+        retry_no_image = isinstance(exc, NoImageError) and attempts < 2
+        if (exc.retryable or retry_no_image) and attempts < self.manifest.max_attempts:
+            self.summary.retries[exc.kind] += 1
+            self._emit("retry", item, exc.message)
+            return exc.retry_after if exc.retry_after is not None else backoff_delay(attempts, self._rng)
+        self._fail(item, exc, attempts)
+        return None
+
+    async def _download(self, item: Item, ref: str) -> StoredImage:
+        for tries in range(1, DOWNLOAD_TRIES + 1):
+            try:
+                async with self._downloads:
+                    stored = await self._downloader.fetch(ref, item.name)
+                self.summary.downloads += 1
+                return stored
+            except DownloadError as exc:
+                if tries == DOWNLOAD_TRIES:
+                    raise
+                self.summary.retries[exc.kind] += 1
+                await asyncio.sleep(backoff_delay(tries, self._rng, base=0.25, cap=5))
+        raise AssertionError("unreachable")
+
+    def _adopt(self, item: Item, row: Row | None) -> bool:
+        """A file that landed before a crash lost its state write: verify it and take it."""
+        known = row.image_file if row else None
+        for path in sorted((self.output / "images").glob(f"{item.name}.*")):
+            if f"images/{path.name}" == known:
+                continue
+            try:
+                _, width, height = inspect_image(path)
+            except ValueError:
+                path.unlink()
+                continue
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            stored = StoredImage(f"images/{path.name}", digest, len(data), width, height)
+            self._finish(item, stored)
+            return True
+        return False
+
+    def _finish(self, item: Item, stored: StoredImage) -> None:
+        previous = self._state.get(item)
+        mismatch = ASPECT_RATIOS[item.aspect_ratio] != (stored.width, stored.height)
+        self._state.record_done(item, _metadata(item, stored, mismatch))
+        old = previous.image_file if previous else None
+        if old and old != stored.file:
+            (self.output / old).unlink(missing_ok=True)
+        self.summary.done += 1
+        if mismatch:
+            self.summary.warnings += 1
+            expected = "x".join(map(str, ASPECT_RATIOS[item.aspect_ratio]))
+            self._emit(
+                "warning",
+                item,
+                f"got {stored.width}x{stored.height}, asked {item.aspect_ratio} ({expected})",
+            )
+        self._emit("done", item, stored.file)
+
+    def _fail(self, item: Item, exc: ItemError, attempts: int) -> None:
+        self._state.record_failed(item, exc.kind, exc.message, attempts)
+        self.summary.failed[exc.kind] += 1
+        self._emit("failed", item, f"{exc.kind}: {exc.message}")
+
+    def _emit(self, kind: str, item: Item, message: str = "") -> None:
+        self._on_event(Event(kind, item.name, message))
+
+
+def _metadata(item: Item, stored: StoredImage, mismatch: bool) -> dict[str, Any]:
+    return {
+        "file_name": stored.file, "id": item.id, "index": item.index, "prompt": item.prompt,
+        "aspect_ratio": item.aspect_ratio, "model": item.model, "width": stored.width,
+        "height": stored.height, "sha256": stored.sha256, "bytes": stored.bytes,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "aspect_ratio_mismatch": mismatch,
+    }  # fmt: skip

@@ -1,0 +1,311 @@
+"""The provider's stand-in: an OpenAI-compatible gateway plus an image host, on two loopback ports.
+
+It follows the provider contract: it checks the bearer key and the body like a gateway (400 on a bad
+aspect ratio, camelCase keys refused), answers with a markdown image link to a signed, expiring URL
+on the other origin, and serves real PNGs of the preset's exact size whose pictures differ per
+prompt. Latency and faults are knobs; each fault is drawn from a generator seeded with the prompt
+and how many times it was asked, so a run's faults do not depend on request order.
+The demo, the tests and the benchmark all use it; `stats` counts what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+from PIL import Image, ImageDraw
+
+from pipeline.manifest import ASPECT_RATIOS
+
+MODELS = {"gemini-2.5-flash-image", "gemini-2.5-flash-image-preview"}
+
+
+@dataclass
+class SimConfig:
+    key: str = "sim-key"
+    latency_s: float = 0.0  # mean generation latency
+    jitter_s: float = 0.0  # uniform +- around the mean
+    seed: int = 0
+    rate_429: float = 0.0  # rate limited, no Retry-After
+    rate_429_retry_after: float = 0.0  # rate limited with `Retry-After: 1`
+    rate_500: float = 0.0  # 500/502/503 with an HTML body
+    rate_reset: float = 0.0  # connection dropped before any reply
+    rate_refusal: float = 0.0  # finish_reason content_filter, no image
+    rate_truncate: float = 0.0  # image body cut short on the image host
+    refuse_words: tuple[str, ...] = ()  # prompts containing one of these are always refused
+    url_ttl_s: float = 3600.0
+    image_scale: int = 1  # divide image sizes by this (benchmarks: small images)
+
+
+@dataclass
+class SimStats:
+    requests: int = 0  # chat-completions requests received
+    generations: int = 0  # replies that carried an image (the billed ones)
+    statuses: Counter[int] = field(default_factory=Counter)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    image_requests: int = 0
+    downloads: int = 0  # complete image bodies served
+    image_auth_headers: int = 0  # requests to the image host that carried Authorization
+    prompts: Counter[str] = field(default_factory=Counter)  # generations per prompt
+    request_times: list[float] = field(default_factory=list)
+
+
+class Simulator:
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.stats = SimStats()
+        self._secret = random.randbytes(16)
+        self._asked: Counter[str] = Counter()
+        self._fetched: Counter[str] = Counter()
+        self._runners: list[web.AppRunner] = []
+        self.base_url = ""
+        self.image_origin = ""
+
+    async def start(self, host: str = "127.0.0.1", api_port: int = 0, image_port: int = 0) -> None:
+        image_app = web.Application()
+        image_app.router.add_get("/img/{w:\\d+}x{h:\\d+}/{token:[0-9a-f]+}.png", self._image)
+        self.image_origin = await self._serve(image_app, host, image_port)
+        api_app = web.Application(client_max_size=64 * 1024 * 1024)
+        api_app.router.add_post("/v1/chat/completions", self._chat)
+        api_app.router.add_get("/_sim/stats", self._stats)
+        self.base_url = await self._serve(api_app, host, api_port) + "/v1"
+
+    async def _serve(self, app: web.Application, host: str, port: int) -> str:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runners.append(runner)
+        bound = runner.addresses[0][1]
+        return f"http://{host}:{bound}"
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+
+    def reset(self, config: SimConfig) -> None:
+        """A fresh start for the next test: new knobs, zeroed counters and fault sequences."""
+        self.config = config
+        self.stats = SimStats()
+        self._asked.clear()
+        self._fetched.clear()
+
+    # The gateway
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        stats.request_times.append(time.monotonic())
+        stats.in_flight += 1
+        stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        try:
+            response = await self._answer(request)
+        finally:
+            stats.in_flight -= 1
+        stats.statuses[response.status] += 1
+        return response
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {self.config.key}":
+            return _error(
+                401,
+                "Invalid token (request id: sim-auth)",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        try:
+            body = await request.json()
+            prompt, ratio = _parse_request(body)
+        except ValueError as exc:
+            return _error(400, str(exc), "invalid_request_error", None)
+        nth = self._asked[f"{prompt}\x1f{ratio}"]
+        self._asked[f"{prompt}\x1f{ratio}"] += 1
+        rng = random.Random(f"{self.config.seed}\x1f{prompt}\x1f{ratio}\x1f{nth}")
+        fault = self._draw_fault(rng)
+        if fault == "reset":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=499)
+        if fault == "429":
+            return _error(429, "upstream saturated (request id: sim-429)", "rate_limit_error", None)
+        if fault == "429ra":
+            reply = _error(429, "upstream saturated (request id: sim-429)", "rate_limit_error", None)
+            reply.headers["Retry-After"] = "1"
+            return reply
+        await asyncio.sleep(self._latency(rng))
+        if fault == "500":
+            status = rng.choice((500, 502, 503))
+            page = f"<html><head><title>{status} Bad Gateway</title></head><body>nginx</body></html>"
+            return web.Response(status=status, text=page, content_type="text/html")
+        if fault == "refusal" or any(w in prompt for w in self.config.refuse_words):
+            return web.json_response(_completion("I can't help with that request.", "content_filter"))
+        self.stats.generations += 1
+        self.stats.prompts[prompt] += 1
+        url = self.image_url(ratio, hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16])
+        return web.json_response(_completion(f"Here is your image: ![image]({url})", "stop"))
+
+    def _draw_fault(self, rng: random.Random) -> str | None:
+        c = self.config
+        roll = rng.random()
+        for name, rate in (
+            ("reset", c.rate_reset), ("429", c.rate_429), ("429ra", c.rate_429_retry_after),
+            ("500", c.rate_500), ("refusal", c.rate_refusal),
+        ):  # fmt: skip
+            if roll < rate:
+                return name
+            roll -= rate
+        return None
+
+    def _latency(self, rng: random.Random) -> float:
+        c = self.config
+        return max(0.0, c.latency_s + rng.uniform(-c.jitter_s, c.jitter_s))
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        s = self.stats
+        return web.json_response(
+            {
+                "requests": s.requests,
+                "generations": s.generations,
+                "downloads": s.downloads,
+                "peak_in_flight": s.peak_in_flight,
+                "image_requests": s.image_requests,
+                "image_auth_headers": s.image_auth_headers,
+                "statuses": {str(k): v for k, v in s.statuses.items()},
+            }
+        )
+
+    # The image host
+
+    def image_url(self, ratio: str, token: str, expires: float | None = None) -> str:
+        width, height = (n // self.config.image_scale for n in ASPECT_RATIOS[ratio])
+        path = f"/img/{width}x{height}/{token}.png"
+        exp = int(expires if expires is not None else time.time() + self.config.url_ttl_s)
+        signature = quote(self._sign(path, exp), safe="")
+        return f"{self.image_origin}{path}?Expires={exp}&Signature={signature}"
+
+    def _sign(self, path: str, expires: int) -> str:
+        mac = hmac.new(self._secret, f"{path}:{expires}".encode(), hashlib.sha256).digest()
+        return base64.b64encode(mac).decode()
+
+    async def _image(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats.image_requests += 1
+        if "Authorization" in request.headers:
+            stats.image_auth_headers += 1
+        try:
+            expires = int(request.query.get("Expires", ""))
+        except ValueError:
+            return web.Response(status=403, text="AccessDenied")
+        signature = request.query.get("Signature", "")
+        if not hmac.compare_digest(signature, self._sign(request.path, expires)):
+            return web.Response(status=403, text="SignatureDoesNotMatch")
+        if time.time() > expires:
+            return web.Response(status=403, text="Request has expired")
+        width, height = int(request.match_info["w"]), int(request.match_info["h"])
+        token = request.match_info["token"]
+        png = render_png(width, height, token)
+        nth = self._fetched[token]
+        self._fetched[token] += 1
+        if random.Random(f"{self.config.seed}\x1f{token}\x1f{nth}").random() < self.config.rate_truncate:
+            return await _truncated(request, png)
+        stats.downloads += 1
+        return web.Response(body=png, content_type="image/png")
+
+
+def _parse_request(body: Any) -> tuple[str, str]:
+    """(prompt, aspect ratio) of a request body, or ValueError saying what a gateway would."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    if body.get("model") not in MODELS:
+        raise ValueError(f"model {body.get('model')!r} is not served here")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        raise ValueError("messages must be a non-empty list")
+    content = messages[-1].get("content")
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("the user message has no text")
+    google = (body.get("extra_body") or {}).get("google") or {}
+    if "imageConfig" in google:
+        raise ValueError("unknown field imageConfig: use image_config")
+    ratio = (google.get("image_config") or {}).get("aspect_ratio", "1:1")
+    if ratio not in ASPECT_RATIOS:
+        raise ValueError(f"invalid aspect_ratio {ratio!r}")
+    return content, ratio
+
+
+def _completion(content: str, finish_reason: str) -> dict[str, Any]:
+    now = int(time.time())
+    return {
+        "id": f"gemini-{now}", "object": "chat.completion", "created": now,
+        "model": "gemini-2.5-flash-image",
+        "choices": [{"index": 0, "finish_reason": finish_reason,
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }  # fmt: skip
+
+
+def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return web.json_response({"error": error}, status=status)
+
+
+async def _truncated(request: web.Request, png: bytes) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "image/png"})
+    response.content_length = len(png)
+    await response.prepare(request)
+    await response.write(png[: len(png) // 2])
+    assert request.transport is not None
+    request.transport.close()
+    return response
+
+
+@lru_cache(maxsize=256)
+def render_png(width: int, height: int, token: str) -> bytes:
+    """A picture unique to `token`: a coloured background with a few shapes."""
+    rng = random.Random(token)
+    image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = x0 + rng.randrange(1, width // 2 + 2), y0 + rng.randrange(1, height // 2 + 2)
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+class SimulatorThread:
+    """The simulator on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.sim = Simulator(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> Simulator:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.sim.start(), self._loop).result(10)
+        return self.sim
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.sim.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -1,0 +1,129 @@
+"""The state store: one SQLite database (WAL) per output folder, the single source of truth.
+
+One row per item `(id, idx)`. `fp` is the fingerprint of the work the row is about now; `image` is the
+metadata of the file on disk (JSON, exactly the metadata.jsonl row) and `image_fp` the fingerprint it
+was made from, so a prompt edit keeps the old image recorded until its replacement lands.
+
+    status  pending  a generation is due (nothing usable recorded)
+            url      generated; `url` (NULL for an inline image) awaits download since `url_at`
+            done     `image` is the current image
+            failed   `error_type` and `message` say why
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.manifest import Item
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT NOT NULL, idx INTEGER NOT NULL, fp TEXT NOT NULL, status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, url TEXT, url_at REAL,
+    error_type TEXT, message TEXT, prompt TEXT NOT NULL,
+    image TEXT, image_fp TEXT, updated_at REAL NOT NULL,
+    PRIMARY KEY (id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at REAL, exit_code INTEGER,
+    summary TEXT
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    fp: str
+    status: str
+    attempts: int
+    url: str | None
+    url_at: float | None
+    error_type: str | None
+    image: str | None
+    image_fp: str | None
+
+    @property
+    def image_file(self) -> str | None:
+        return json.loads(self.image)["file_name"] if self.image else None
+
+
+class State:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, item: Item) -> Row | None:
+        found = self._db.execute(
+            "SELECT fp, status, attempts, url, url_at, error_type, image, image_fp"
+            " FROM items WHERE id = ? AND idx = ?",
+            (item.id, item.index),
+        ).fetchone()
+        return Row(*found) if found else None
+
+    def _upsert(self, item: Item, **fields: Any) -> None:
+        fields |= {"fp": item.fingerprint, "prompt": item.prompt, "updated_at": time.time()}
+        names = ", ".join(fields)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
+        self._db.execute(
+            f"INSERT INTO items (id, idx, {names}) VALUES (?, ?{', ?' * len(fields)})"  # noqa: S608
+            f" ON CONFLICT (id, idx) DO UPDATE SET {updates}",
+            (item.id, item.index, *fields.values()),
+        )
+
+    def record_generated(self, item: Item, url: str | None, attempts: int) -> None:
+        self._upsert(
+            item, status="url", url=url, url_at=time.time(), attempts=attempts,
+            error_type=None, message=None,
+        )  # fmt: skip
+
+    def record_pending(self, item: Item, attempts: int) -> None:
+        self._upsert(item, status="pending", url=None, url_at=None, attempts=attempts)
+
+    def record_done(self, item: Item, metadata: dict[str, Any]) -> None:
+        self._upsert(
+            item, status="done", url=None, url_at=None, error_type=None, message=None,
+            image=json.dumps(metadata, ensure_ascii=False), image_fp=item.fingerprint,
+        )  # fmt: skip
+
+    def record_failed(self, item: Item, error_type: str, message: str, attempts: int) -> None:
+        self._upsert(
+            item, status="failed", url=None, url_at=None, attempts=attempts,
+            error_type=error_type, message=message,
+        )  # fmt: skip
+
+    def images(self) -> Iterator[str]:
+        """The metadata.jsonl rows: one JSON object per image on disk."""
+        for (image,) in self._db.execute("SELECT image FROM items WHERE image IS NOT NULL ORDER BY id, idx"):
+            yield image
+
+    def failures(self) -> Iterator[dict[str, Any]]:
+        cursor = self._db.execute(
+            "SELECT id, idx, prompt, error_type, message, attempts FROM items"
+            " WHERE status = 'failed' ORDER BY id, idx"
+        )
+        for ident, idx, prompt, error_type, message, attempts in cursor:
+            yield {
+                "id": ident, "index": idx, "prompt": prompt, "error_type": error_type,
+                "message": message, "attempts": attempts,
+            }  # fmt: skip
+
+    def start_run(self) -> int:
+        cursor = self._db.execute("INSERT INTO runs (started_at) VALUES (?)", (time.time(),))
+        return int(cursor.lastrowid or 0)
+
+    def end_run(self, run: int, exit_code: int, summary: dict[str, Any]) -> None:
+        self._db.execute(
+            "UPDATE runs SET ended_at = ?, exit_code = ?, summary = ? WHERE run = ?",
+            (time.time(), exit_code, json.dumps(summary), run),
+        )

@@ -1,0 +1,73 @@
+"""Shared fixtures: one provider simulator on loopback for the session, reset before each test."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.simulator import SimConfig, Simulator, SimulatorThread
+
+KEY = "sk-test-MARKER-7f3a9c2e"  # a unique string: it must never show up outside the API request
+
+
+@pytest.fixture(scope="session")
+def _simulator() -> Iterator[Simulator]:
+    with SimulatorThread(SimConfig(key=KEY)) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def sim(_simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> Simulator:
+    _simulator.reset(SimConfig(key=KEY))
+    monkeypatch.setenv("IMAGE_API_BASE_URL", _simulator.base_url)
+    monkeypatch.setenv("IMAGE_API_KEY", KEY)
+    return _simulator
+
+
+def write_manifest(folder: Path, jobs: list[dict[str, Any]], **top: Any) -> Path:
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump({"output": str(folder / "out"), **top, "jobs": jobs}, allow_unicode=True))
+    return path
+
+
+def run(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+def metadata(output: Path) -> list[dict[str, Any]]:
+    text = (output / "metadata.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def failures(output: Path) -> list[dict[str, Any]]:
+    text = (output / "failures.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_dataset_consistent(output: Path) -> list[dict[str, Any]]:
+    """Every file in images/ has one metadata row and vice versa; every file decodes and matches."""
+    import hashlib
+
+    rows = metadata(output)
+    files = sorted(p.name for p in (output / "images").iterdir())
+    assert sorted(Path(r["file_name"]).name for r in rows) == files
+    for row in rows:
+        data = (output / row["file_name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert len(data) == row["bytes"]
+        with Image.open(output / row["file_name"]) as image:
+            image.load()
+            assert image.size == (row["width"], row["height"])
+    assert not list((output / ".partial").iterdir()) if (output / ".partial").exists() else True
+    return rows
+
+
+PYTHON = sys.executable

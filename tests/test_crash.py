@@ -1,0 +1,76 @@
+"""Crash safety: a `pipeline run` subprocess killed with SIGKILL, then rerun, finishes cleanly."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pipeline.simulator import Simulator
+from tests.conftest import KEY, PYTHON, assert_dataset_consistent, write_manifest
+
+ITEMS, CONCURRENCY = 60, 4
+
+
+def start(manifest: Path, sim: Simulator, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY}
+    return subprocess.Popen(
+        [PYTHON, "-m", "pipeline", "run", str(manifest), "--quiet", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def wait_for_generations(sim: Simulator, count: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while sim.stats.generations < count and process.poll() is None:
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+
+
+def images_are_final(output: Path) -> None:
+    """Only complete, final names in images/: no temp file, nothing half-written."""
+    for path in (output / "images").iterdir():
+        assert path.suffix == ".png" and not path.name.startswith("."), path
+
+
+def test_sigkill_midway_then_rerun_finishes_without_paying_twice(tmp_path: Path, sim: Simulator) -> None:
+    sim.config.latency_s, sim.config.jitter_s = 0.03, 0.02
+    manifest = write_manifest(
+        tmp_path, [{"id": "k", "prompt": "kill me", "count": ITEMS}], concurrency=CONCURRENCY
+    )
+    process = start(manifest, sim)
+    wait_for_generations(sim, ITEMS // 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    output = tmp_path / "out"
+    images_are_final(output)
+    rerun = start(manifest, sim)
+    assert rerun.wait(60) == 0, rerun.stderr.read() if rerun.stderr else ""
+    rows = assert_dataset_consistent(output)
+    assert len(rows) == ITEMS
+    assert not list((output / ".partial").iterdir())
+    assert ITEMS <= sim.stats.generations <= ITEMS + CONCURRENCY
+
+
+def test_kill_at_random_moments_loses_nothing(tmp_path: Path, sim: Simulator) -> None:
+    sim.config.latency_s, sim.config.jitter_s = 0.02, 0.02
+    manifest = write_manifest(
+        tmp_path, [{"id": "r", "prompt": "again", "count": ITEMS}], concurrency=CONCURRENCY
+    )
+    rng, kills = random.Random(7), 0
+    while kills < 5:
+        process = start(manifest, sim)
+        time.sleep(rng.uniform(0.2, 0.9))  # interpreter start-up included: kills land anywhere
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        kills += 1
+        images_are_final(tmp_path / "out")
+    final = start(manifest, sim)
+    assert final.wait(60) == 0
+    assert len(assert_dataset_consistent(tmp_path / "out")) == ITEMS
+    assert sim.stats.generations <= ITEMS + kills * CONCURRENCY
