@@ -32,7 +32,7 @@ def wait_for_generations(sim: Simulator, count: int, process: subprocess.Popen[b
 
 def images_are_final(output: Path) -> None:
     """Only complete, final names in images/: no temp file, nothing half-written."""
-    for path in (output / "images").iterdir():
+    for path in (output / "images").glob("*"):
         assert path.suffix == ".png" and not path.name.startswith("."), path
 
 
