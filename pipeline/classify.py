@@ -44,9 +44,15 @@ def classify(
     status: int, headers: dict[str, str], body: bytes, now: datetime | None = None
 ) -> list[str] | ItemError:
     """Images found, or the error this reply amounts to."""
-    retry_after = parse_retry_after(headers.get("retry-after"), now or datetime.now(UTC))
     text = body.decode("utf-8", "replace").strip()
-    data = _json(text)
+    return classify_data(status, headers, _json(text), text, now)
+
+
+def classify_data(
+    status: int, headers: dict[str, str], data: Any, text: str = "", now: datetime | None = None
+) -> list[str] | ItemError:
+    """As `classify`, for a body already parsed (`data` is None when it was not JSON)."""
+    retry_after = parse_retry_after(headers.get("retry-after"), now or datetime.now(UTC))
     error = _error_object(data)
     if error is not None:
         return _from_error(status, error, retry_after)

@@ -10,21 +10,25 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.classify import classify
-from pipeline.errors import ItemError, RetryableError
+from pipeline.classify import classify, classify_data
+from pipeline.errors import ItemError, NoImageError, RetryableError
 from pipeline.manifest import Item
 from pipeline.secret import Secret
+from pipeline.sse import assemble_stream
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 
-def request_body(item: Item) -> dict[str, Any]:
+def request_body(item: Item, stream: bool = False) -> dict[str, Any]:
     """The body of provider contract section 1, `extra_body` as a literal top-level key."""
-    return {
+    body: dict[str, Any] = {
         "model": item.model,
         "messages": [{"role": "user", "content": item.prompt}],
         "extra_body": {"google": {"image_config": {"aspect_ratio": item.aspect_ratio}}},
     }
+    if stream:
+        body["stream"] = True
+    return body
 
 
 class Client:
@@ -36,8 +40,10 @@ class Client:
         *,
         timeout_s: float,
         connect_timeout_s: float,
+        stream: bool = False,
     ) -> None:
         self._session = session
+        self._stream = stream
         self._url = f"{base_url.rstrip('/')}/chat/completions"
         self._key = key
         self._timeout = aiohttp.ClientTimeout(
@@ -50,7 +56,7 @@ class Client:
         try:
             async with self._session.post(
                 self._url,
-                json=request_body(item),
+                json=request_body(item, self._stream),
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -62,11 +68,20 @@ class Client:
         except aiohttp.ClientError as exc:
             reason = self._key.redact(str(exc) or type(exc).__name__)
             raise RetryableError(f"connection failed: {reason}", kind="network") from exc
-        outcome = classify(status, reply_headers, body)
+        outcome = self._classify(status, reply_headers, body)
         if isinstance(outcome, ItemError):
             outcome.message = self._key.redact(outcome.message)
             outcome.args = (outcome.message,)
             raise outcome
+        return outcome
+
+    def _classify(self, status: int, headers: dict[str, str], body: bytes) -> list[str] | ItemError:
+        if not (status == 200 and "text/event-stream" in headers.get("content-type", "")):
+            return classify(status, headers, body)
+        reply, complete = assemble_stream(body)
+        outcome = classify_data(status, headers, reply)
+        if isinstance(outcome, NoImageError) and not complete:
+            return RetryableError("the event stream ended early", kind="server_error")
         return outcome
 
 

@@ -50,6 +50,7 @@ class Api(_Strict):
     model: Annotated[str, Field(min_length=1)] = "gemini-2.5-flash-image"
     timeout_s: Annotated[float, Field(gt=0)] = 180.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    stream: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -85,6 +86,8 @@ class Manifest(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
     download_concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    backoff_base_s: Annotated[float, Field(gt=0)] = 1.0
+    backoff_cap_s: Annotated[float, Field(gt=0)] = 60.0
     url_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     download_max_mb: Annotated[float, Field(gt=0)] = 50.0
     requests_per_minute: Annotated[float, Field(gt=0)] | None = None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import re
 import shutil
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ from pipeline.errors import (
     FatalError,
     ItemError,
     NoImageError,
+    PermanentError,
     UrlGoneError,
 )
 from pipeline.limiter import AdaptiveLimiter
@@ -44,6 +46,7 @@ from pipeline.secret import Secret
 from pipeline.state import Row, State
 
 DOWNLOAD_TRIES = 3
+SAME_ERROR_STOP = 10  # this many items in a row failing with one permanent error: a configuration problem
 MAX_PAUSE_S = 900.0  # a Retry-After longer than this is honoured as this
 
 
@@ -116,12 +119,13 @@ class Runner:
         self.summary = Summary(total=count_items(manifest))
         self._on_event = on_event
         self._rng = random.Random(options.seed)
-        self._limiter = AdaptiveLimiter(manifest.concurrency)
+        self._limiter = AdaptiveLimiter(manifest.concurrency, manifest.backoff_base_s, manifest.backoff_cap_s)
         rpm = manifest.requests_per_minute
         self._rate = AsyncLimiter(1, 60.0 / rpm) if rpm else None
         self._downloads = asyncio.Semaphore(manifest.downloads_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._repeated: tuple[str, int] = ("", 0)  # the last permanent error, and items in a row
 
     async def run(self) -> Summary:
         started = time.monotonic()
@@ -159,7 +163,7 @@ class Runner:
             api = self.manifest.api
             self._client = Client(
                 session, self.options.base_url, self.options.key,
-                timeout_s=api.timeout_s, connect_timeout_s=api.connect_timeout_s,
+                timeout_s=api.timeout_s, connect_timeout_s=api.connect_timeout_s, stream=api.stream,
             )  # fmt: skip
             self._downloader = Downloader(
                 session, self.output,
@@ -263,7 +267,7 @@ class Runner:
                 refs = await self._client.generate(item)
             except ItemError as exc:
                 if exc.kind == "rate_limited":
-                    self._limiter.throttled(granted_at)
+                    self._limiter.throttled(granted_at, exc.retry_after)
                 raise
         await self._limiter.succeeded()
         return refs[0]
@@ -278,9 +282,12 @@ class Runner:
         if (exc.retryable or retry_no_image) and attempts < self.manifest.max_attempts:
             self.summary.retries[exc.kind] += 1
             self._emit("retry", item, exc.message)
-            return exc.retry_after if exc.retry_after is not None else backoff_delay(attempts, self._rng)
+            return exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
         self._fail(item, exc, attempts)
         return None
+
+    def _backoff(self, attempt: int) -> float:
+        return backoff_delay(attempt, self._rng, self.manifest.backoff_base_s, self.manifest.backoff_cap_s)
 
     async def _download(self, item: Item, ref: str) -> StoredImage:
         for tries in range(1, DOWNLOAD_TRIES + 1):
@@ -293,7 +300,7 @@ class Runner:
                 if tries == DOWNLOAD_TRIES:
                     raise
                 self.summary.retries[exc.kind] += 1
-                await asyncio.sleep(backoff_delay(tries, self._rng, base=0.25, cap=5))
+                await asyncio.sleep(self._backoff(tries))
         raise AssertionError("unreachable")
 
     def _adopt(self, item: Item, row: Row | None) -> bool:
@@ -318,6 +325,7 @@ class Runner:
         previous = self._state.get(item)
         mismatch = ASPECT_RATIOS[item.aspect_ratio] != (stored.width, stored.height)
         self._state.record_done(item, _metadata(item, stored, mismatch))
+        self._repeated = ("", 0)
         old = previous.image_file if previous else None
         if old and old != stored.file:
             (self.output / old).unlink(missing_ok=True)
@@ -336,6 +344,17 @@ class Runner:
         self._state.record_failed(item, exc.kind, exc.message, attempts)
         self.summary.failed[exc.kind] += 1
         self._emit("failed", item, f"{exc.kind}: {exc.message}")
+        if type(exc) is PermanentError:
+            self._count_repeats(exc.message)
+
+    def _count_repeats(self, message: str) -> None:
+        """The same permanent error on item after item means a bad configuration: stop paying for it."""
+        key = re.sub(r"\(request id: [^)]*\)", "", message)
+        count = self._repeated[1] + 1 if self._repeated[0] == key else 1
+        self._repeated = (key, count)
+        if count >= SAME_ERROR_STOP and not self.summary.fatal:
+            self.summary.fatal = f"the same error on {count} items in a row: {message}"
+            self.stop("fatal")
 
     def _emit(self, kind: str, item: Item, message: str = "") -> None:
         self._on_event(Event(kind, item.name, message))

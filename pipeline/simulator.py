@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 import random
 import threading
 import time
@@ -44,7 +45,18 @@ class SimConfig:
     rate_reset: float = 0.0  # connection dropped before any reply
     rate_refusal: float = 0.0  # finish_reason content_filter, no image
     rate_truncate: float = 0.0  # image body cut short on the image host
+    rate_error200: float = 0.0  # HTTP 200 whose body is an `error` object (mid-stream when streaming)
+    rate_no_image: float = 0.0  # text only, no image
+    rate_expired: float = 0.0  # an image URL that has already expired (the host answers 403)
+    rate_hang: float = 0.0  # answer only after `hang_s`
+    hang_s: float = 30.0
     refuse_words: tuple[str, ...] = ()  # prompts containing one of these are always refused
+    quota_exhausted: bool = False  # every request: 429 insufficient_quota
+    storm: tuple[float, float] | None = None  # every request 429s in this window (s after the first)
+    shape: str = (
+        "markdown"  # markdown | markdown_data | bare_data | images | parts_base64 | native | redirect
+    )
+    ignore_aspect_ratio: bool = False  # like relays that always return 1024x1024
     url_ttl_s: float = 3600.0
     image_scale: int = 1  # divide image sizes by this (benchmarks: small images)
 
@@ -73,24 +85,27 @@ class Simulator:
         self._runners: list[web.AppRunner] = []
         self.base_url = ""
         self.image_origin = ""
+        self.cdn_origin = ""
 
     async def start(self, host: str = "127.0.0.1", api_port: int = 0, image_port: int = 0) -> None:
         image_app = web.Application()
         image_app.router.add_get("/img/{w:\\d+}x{h:\\d+}/{token:[0-9a-f]+}.png", self._image)
-        self.image_origin = await self._serve(image_app, host, image_port)
+        image_app.router.add_get("/r/img/{tail:.+}", self._redirect)
+        self.image_origin, self.cdn_origin = await self._serve(image_app, host, image_port, 0)
         api_app = web.Application(client_max_size=64 * 1024 * 1024)
         api_app.router.add_post("/v1/chat/completions", self._chat)
         api_app.router.add_get("/_sim/stats", self._stats)
-        self.base_url = await self._serve(api_app, host, api_port) + "/v1"
+        [api_origin] = await self._serve(api_app, host, api_port)
+        self.base_url = api_origin + "/v1"
 
-    async def _serve(self, app: web.Application, host: str, port: int) -> str:
+    async def _serve(self, app: web.Application, host: str, *ports: int) -> list[str]:
+        """Serve `app` on each port (0: any free one); the origins, in order."""
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        for port in ports:
+            await web.TCPSite(runner, host, port).start()
         self._runners.append(runner)
-        bound = runner.addresses[0][1]
-        return f"http://{host}:{bound}"
+        return [f"http://{host}:{address[1]}" for address in runner.addresses]
 
     async def stop(self) -> None:
         for runner in self._runners:
@@ -120,12 +135,14 @@ class Simulator:
         return response
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {self.config.key}":
+        c = self.config
+        if request.headers.get("Authorization") != f"Bearer {c.key}":
             return _error(
-                401,
-                "Invalid token (request id: sim-auth)",
-                "invalid_request_error",
-                "invalid_api_key",
+                401, "Invalid token (request id: sim-auth)", "invalid_request_error", "invalid_api_key"
+            )
+        if c.quota_exhausted:
+            return _error(
+                429, "上游负载已饱和 (request id: sim-quota)", "insufficient_quota", "insufficient_quota"
             )
         try:
             body = await request.json()
@@ -134,41 +151,87 @@ class Simulator:
             return _error(400, str(exc), "invalid_request_error", None)
         nth = self._asked[f"{prompt}\x1f{ratio}"]
         self._asked[f"{prompt}\x1f{ratio}"] += 1
-        rng = random.Random(f"{self.config.seed}\x1f{prompt}\x1f{ratio}\x1f{nth}")
-        fault = self._draw_fault(rng)
+        rng = random.Random(f"{c.seed}\x1f{prompt}\x1f{ratio}\x1f{nth}")
+        fault = "429" if self._in_storm() else self._draw_fault(rng)
         if fault == "reset":
             assert request.transport is not None
             request.transport.close()
             return web.Response(status=499)
-        if fault == "429":
-            return _error(429, "upstream saturated (request id: sim-429)", "rate_limit_error", None)
-        if fault == "429ra":
-            reply = _error(429, "upstream saturated (request id: sim-429)", "rate_limit_error", None)
-            reply.headers["Retry-After"] = "1"
+        if fault in ("429", "429ra"):
+            reply = _error(429, "上游负载已饱和 (request id: sim-429)", "rate_limit_error", None)
+            if fault == "429ra":
+                reply.headers["Retry-After"] = "1"
             return reply
-        await asyncio.sleep(self._latency(rng))
+        await asyncio.sleep(c.hang_s if fault == "hang" else self._latency(rng))
         if fault == "500":
             status = rng.choice((500, 502, 503))
             page = f"<html><head><title>{status} Bad Gateway</title></head><body>nginx</body></html>"
             return web.Response(status=status, text=page, content_type="text/html")
-        if fault == "refusal" or any(w in prompt for w in self.config.refuse_words):
-            return web.json_response(_completion("I can't help with that request.", "content_filter"))
+        stream = body.get("stream") is True
+        if fault == "error200":
+            error = {"error": {"message": "upstream error (request id: sim-200)", "type": "upstream_error"}}
+            return await _send(request, [error], stream)
+        if fault == "refusal" or any(w in prompt for w in c.refuse_words):
+            return await _send(request, [_completion("I can't help with that.", "content_filter")], stream)
+        if fault == "no_image":
+            return await _send(request, [_completion("Here is a kitten, in words.", "stop")], stream)
         self.stats.generations += 1
         self.stats.prompts[prompt] += 1
-        url = self.image_url(ratio, hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16])
-        return web.json_response(_completion(f"Here is your image: ![image]({url})", "stop"))
+        token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
+        expires = time.time() - 1 if fault == "expired" else None
+        return await _send(request, self._image_reply(ratio, token, expires), stream)
+
+    def _in_storm(self) -> bool:
+        storm = self.config.storm
+        if storm is None:
+            return False
+        elapsed = time.monotonic() - self.stats.request_times[0]
+        return storm[0] <= elapsed < storm[1]
 
     def _draw_fault(self, rng: random.Random) -> str | None:
         c = self.config
         roll = rng.random()
         for name, rate in (
             ("reset", c.rate_reset), ("429", c.rate_429), ("429ra", c.rate_429_retry_after),
-            ("500", c.rate_500), ("refusal", c.rate_refusal),
+            ("500", c.rate_500), ("refusal", c.rate_refusal), ("error200", c.rate_error200),
+            ("no_image", c.rate_no_image), ("expired", c.rate_expired), ("hang", c.rate_hang),
         ):  # fmt: skip
             if roll < rate:
                 return name
             roll -= rate
         return None
+
+    def _image_reply(self, ratio: str, token: str, expires: float | None) -> list[dict[str, Any]]:
+        """The chunks of a successful reply in the configured shape (one chunk unless streaming)."""
+        width, height = self._size(ratio)
+        shape = self.config.shape
+        if shape in ("markdown", "images", "redirect"):
+            url = self.image_url(ratio, token, expires)
+        else:
+            url = "data:image/png;base64," + base64.b64encode(render_png(width, height, token)).decode()
+        raw = url.partition(",")[2]
+        if shape == "native":
+            part = {"inlineData": {"mimeType": "image/png", "data": raw}}
+            return [{"candidates": [{"content": {"parts": [part]}, "finishReason": "STOP"}]}]
+        if shape == "images":
+            message: dict[str, Any] = {
+                "content": "",
+                "images": [{"type": "image_url", "image_url": {"url": url}}],
+            }
+        elif shape == "parts_base64":
+            message = {
+                "content": [
+                    {"type": "text", "text": "Here."},
+                    {"type": "image_url", "image_url": {"url": raw}},
+                ]
+            }
+        elif shape == "bare_data":
+            message = {"content": f"Here you go {url} enjoy"}
+        else:  # markdown and redirect: a URL; markdown_data: a data URI
+            message = {"content": f"Here is your image: ![image]({url})"}
+        heartbeat = _completion("", "stop", delta=True)
+        halves = _split_message(message)
+        return [heartbeat, *(_completion(m, None, delta=True) for m in halves)]
 
     def _latency(self, rng: random.Random) -> float:
         c = self.config
@@ -191,11 +254,26 @@ class Simulator:
     # The image host
 
     def image_url(self, ratio: str, token: str, expires: float | None = None) -> str:
-        width, height = (n // self.config.image_scale for n in ASPECT_RATIOS[ratio])
+        """A signed URL on the image host; in `redirect` shape it answers 302 to another origin."""
+        width, height = self._size(ratio)
         path = f"/img/{width}x{height}/{token}.png"
         exp = int(expires if expires is not None else time.time() + self.config.url_ttl_s)
         signature = quote(self._sign(path, exp), safe="")
-        return f"{self.image_origin}{path}?Expires={exp}&Signature={signature}"
+        via = "/r" if self.config.shape == "redirect" else ""
+        return f"{self.image_origin}{via}{path}?Expires={exp}&Signature={signature}"
+
+    def _size(self, ratio: str) -> tuple[int, int]:
+        width, height = ASPECT_RATIOS["1:1" if self.config.ignore_aspect_ratio else ratio]
+        return width // self.config.image_scale, height // self.config.image_scale
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self._count_image_request(request)
+        raise web.HTTPFound(f"{self.cdn_origin}{request.path_qs.removeprefix('/r')}")
+
+    def _count_image_request(self, request: web.Request) -> None:
+        self.stats.image_requests += 1
+        if "Authorization" in request.headers:
+            self.stats.image_auth_headers += 1
 
     def _sign(self, path: str, expires: int) -> str:
         mac = hmac.new(self._secret, f"{path}:{expires}".encode(), hashlib.sha256).digest()
@@ -203,9 +281,7 @@ class Simulator:
 
     async def _image(self, request: web.Request) -> web.StreamResponse:
         stats = self.stats
-        stats.image_requests += 1
-        if "Authorization" in request.headers:
-            stats.image_auth_headers += 1
+        self._count_image_request(request)
         try:
             expires = int(request.query.get("Expires", ""))
         except ValueError:
@@ -249,15 +325,56 @@ def _parse_request(body: Any) -> tuple[str, str]:
     return content, ratio
 
 
-def _completion(content: str, finish_reason: str) -> dict[str, Any]:
+def _completion(
+    message: str | dict[str, Any], finish_reason: str | None, delta: bool = False
+) -> dict[str, Any]:
     now = int(time.time())
+    body = message if isinstance(message, dict) else {"content": message}
     return {
-        "id": f"gemini-{now}", "object": "chat.completion", "created": now,
-        "model": "gemini-2.5-flash-image",
+        "id": f"gemini-{now}", "object": "chat.completion.chunk" if delta else "chat.completion",
+        "created": now, "model": "gemini-2.5-flash-image",
         "choices": [{"index": 0, "finish_reason": finish_reason,
-                     "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                     "delta" if delta else "message": {"role": "assistant", **body}}],
     }  # fmt: skip
+
+
+def _split_message(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A message as two deltas: text content cut in the middle (clients must join before scanning)."""
+    content = message.get("content")
+    if not isinstance(content, str) or not content:
+        return [message]
+    middle = len(content) // 2
+    return [{**message, "content": content[:middle]}, {"content": content[middle:]}]
+
+
+async def _send(request: web.Request, chunks: list[dict[str, Any]], stream: bool) -> web.StreamResponse:
+    """Chunks as server-sent events (with a comment, a usage-only chunk and [DONE]), or as one JSON body."""
+    if not stream:
+        return web.json_response(_merge(chunks))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b": PROCESSING\n\n")
+    usage = {"choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    for chunk in [*chunks, usage]:
+        await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _merge(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Streaming chunks folded into the one non-streaming body a gateway would send."""
+    if len(chunks) == 1 and "choices" not in chunks[0]:
+        return chunks[0]
+    finish, message = None, {"role": "assistant", "content": ""}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            delta = choice.get("delta") or choice.get("message") or {}
+            for key, value in delta.items():
+                joinable = isinstance(value, str) and isinstance(message.get(key), str) and key == "content"
+                message[key] = message[key] + value if joinable else value
+            finish = choice.get("finish_reason") or finish
+    return _completion(message, finish)
 
 
 def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:
