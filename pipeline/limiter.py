@@ -10,6 +10,7 @@ of 429s counts once instead of collapsing the pool to a single request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,10 +30,13 @@ class AdaptiveLimiter:
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
         """Hold one request slot; yields the moment it was granted (pass it to `throttled`)."""
-        while (wait := self._resume_at - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
         async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
+            while True:
+                pause = self._resume_at - time.monotonic()
+                if pause <= 0 and self.in_flight < int(self.limit):
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), pause if pause > 0 else None)
             self.in_flight += 1
         try:
             yield time.monotonic()

@@ -40,7 +40,8 @@ class SimConfig:
     jitter_s: float = 0.0  # uniform +- around the mean
     seed: int = 0
     rate_429: float = 0.0  # rate limited, no Retry-After
-    rate_429_retry_after: float = 0.0  # rate limited with `Retry-After: 1`
+    rate_429_retry_after: float = 0.0  # rate limited with a `Retry-After` header
+    retry_after_s: float = 1.0
     rate_500: float = 0.0  # 500/502/503 with an HTML body
     rate_reset: float = 0.0  # connection dropped before any reply
     rate_refusal: float = 0.0  # finish_reason content_filter, no image
@@ -66,6 +67,7 @@ class SimStats:
     requests: int = 0  # chat-completions requests received
     generations: int = 0  # replies that carried an image (the billed ones)
     statuses: Counter[int] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)  # faults injected, by name
     in_flight: int = 0
     peak_in_flight: int = 0
     image_requests: int = 0
@@ -153,6 +155,7 @@ class Simulator:
         self._asked[f"{prompt}\x1f{ratio}"] += 1
         rng = random.Random(f"{c.seed}\x1f{prompt}\x1f{ratio}\x1f{nth}")
         fault = "429" if self._in_storm() else self._draw_fault(rng)
+        self.stats.faults[fault or "none"] += 1
         if fault == "reset":
             assert request.transport is not None
             request.transport.close()
@@ -160,7 +163,7 @@ class Simulator:
         if fault in ("429", "429ra"):
             reply = _error(429, "上游负载已饱和 (request id: sim-429)", "rate_limit_error", None)
             if fault == "429ra":
-                reply.headers["Retry-After"] = "1"
+                reply.headers["Retry-After"] = str(c.retry_after_s)
             return reply
         await asyncio.sleep(c.hang_s if fault == "hang" else self._latency(rng))
         if fault == "500":
@@ -297,6 +300,7 @@ class Simulator:
         nth = self._fetched[token]
         self._fetched[token] += 1
         if random.Random(f"{self.config.seed}\x1f{token}\x1f{nth}").random() < self.config.rate_truncate:
+            stats.faults["truncated"] += 1
             return await _truncated(request, png)
         stats.downloads += 1
         return web.Response(body=png, content_type="image/png")
@@ -422,7 +426,14 @@ class SimulatorThread:
         return self.sim
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.sim.stop(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+    async def _shutdown(self) -> None:
+        await self.sim.stop()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
