@@ -96,7 +96,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.simulate:
         return asyncio.run(_run_simulated(args, manifest, output))
     base_url, key = _provider(args.manifest, manifest)
-    return asyncio.run(_run_with(args, manifest, output, RunOptions(base_url, key, **_budget(args))))
+    return asyncio.run(
+        _run_with(args, manifest, output, RunOptions(base_url, key, **_budget(args, manifest)))
+    )
 
 
 def _provider(source: Path, manifest: Manifest) -> tuple[str, Secret]:
@@ -116,10 +118,10 @@ def _provider(source: Path, manifest: Manifest) -> tuple[str, Secret]:
     return base_url.rstrip("/"), Secret(key)
 
 
-def _budget(args: argparse.Namespace) -> dict[str, Any]:
+def _budget(args: argparse.Namespace, manifest: Manifest) -> dict[str, Any]:
     return {
         "retry_failed": args.retry_failed,
-        "max_requests": args.max_requests,
+        "max_requests": args.max_requests or manifest.max_requests,
         "max_duration_s": args.max_duration,
         "grace_s": args.grace_s,
     }
@@ -131,7 +133,7 @@ async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: P
     await simulator.start()
     try:
         return await _run_with(
-            args, manifest, output, RunOptions(simulator.base_url, Secret(key), **_budget(args))
+            args, manifest, output, RunOptions(simulator.base_url, Secret(key), **_budget(args, manifest))
         )
     finally:
         await simulator.stop()
@@ -158,7 +160,7 @@ async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Path, 
 def _on_signal(runner: Runner, display: _Display, name: str, signum: int) -> Callable[[], None]:
     def handle() -> None:
         display.note(f"{name}: finishing in-flight work (again to stop at once)")
-        runner.stop("interrupted", signum)
+        runner.interrupt(signum)
 
     return handle
 
@@ -239,7 +241,9 @@ def format_summary(summary: Summary, output: Path) -> str:
         f"warnings {summary.warnings}, elapsed {summary.elapsed_s:.1f}s",
         f"output: {output}/ (images/, metadata.jsonl, failures.jsonl)",
     ]
-    if summary.fatal:
+    if summary.storage:
+        lines.insert(0, f"stopped: cannot write the output: {summary.storage}")
+    elif summary.fatal:
         lines.insert(0, f"stopped: fatal provider error: {summary.fatal}")
     elif summary.stopped:
         lines.insert(0, f"stopped early: {summary.stopped}; rerun the same command to finish")

@@ -18,12 +18,16 @@ import aiofiles
 import aiohttp
 from PIL import Image
 
-from pipeline.errors import DownloadError, PermanentError, UrlGoneError
+from pipeline.errors import DownloadError, PermanentError, StorageError, UrlGoneError
 from pipeline.extract import decode_data_uri
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
 MAX_PIXELS = 40_000_000
 CHUNK = 256 * 1024
+
+
+class TooManyPixels(ValueError):
+    """An image whose header announces absurd dimensions (a decompression bomb)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,8 @@ class Downloader:
                     kind="bad_reference",
                 )
             return await asyncio.to_thread(self._commit, tmp, name, digest, size)
+        except OSError as exc:  # network errors were converted in _stream: this is the disk
+            raise StorageError(f"cannot write {name}: {exc.strerror or exc}") from exc
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -65,7 +71,7 @@ class Downloader:
         try:
             data = decode_data_uri(ref)
         except ValueError as exc:
-            raise UrlGoneError(f"inline image unreadable: {exc}") from exc
+            raise UrlGoneError(f"inline image unreadable: {exc}", kind="bad_image") from exc
         self._check_size(len(data))
         async with aiofiles.open(tmp, "wb") as out:
             await out.write(data)
@@ -103,8 +109,10 @@ class Downloader:
         """Blocking: verify, flush to disk, rename into place. Runs in a worker thread."""
         try:
             ext, width, height = inspect_image(tmp)
+        except TooManyPixels as exc:
+            raise PermanentError(f"refused image: {exc}", kind="too_large") from exc
         except ValueError as exc:
-            raise DownloadError(f"not a usable image: {exc}") from exc
+            raise DownloadError(f"not a usable image: {exc}", kind="bad_image") from exc
         fsync_path(tmp)
         relative = f"images/{name}.{ext}"
         tmp.replace(self._output / relative)
@@ -129,12 +137,14 @@ def inspect_image(path: Path) -> tuple[str, int, int]:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise ValueError(f"{width}x{height} pixels is over the {MAX_PIXELS} pixel limit")
+                raise TooManyPixels(f"{width}x{height} pixels is over the {MAX_PIXELS} pixel limit")
             if image.format not in EXTENSIONS:
                 raise ValueError(f"unsupported format {image.format}")
             image.load()
             return EXTENSIONS[image.format], width, height
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(str(exc)) from exc
+    except (OSError, SyntaxError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from exc
 
 

@@ -3,6 +3,7 @@
     PipelineError
     ├── ManifestError          bad manifest or usage; nothing was sent       (exit 2)
     ├── OutputLockedError      another run holds the output folder          (exit 75)
+    ├── StorageError           the output cannot be written (disk full...)  (exit 74)
     └── ItemError              one item's attempt failed; `retryable` says if another may help
         ├── RetryableError     5xx, 429, 408, timeouts, resets, empty bodies; may carry `retry_after`
         │   └── DownloadError  the image host failed in a way worth retrying (5xx, truncated, not an image)
@@ -32,6 +33,10 @@ class ManifestError(PipelineError):
 
 class OutputLockedError(PipelineError):
     """Another live run holds the output folder's lock."""
+
+
+class StorageError(PipelineError):
+    """Writing to the output folder failed: the run stops; what was recorded stays resumable."""
 
 
 class ItemError(PipelineError):

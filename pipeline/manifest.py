@@ -40,6 +40,12 @@ MAX_DEPTH = 20
 SECRET_KEYS = {"api_key", "key", "token", "apikey", "authorization", "secret"}
 
 
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/") if value else value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -52,12 +58,7 @@ class Api(_Strict):
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     stream: bool = False
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/") if value else value
+    _http = field_validator("base_url")(lambda value: _http_url(value))
 
 
 class Defaults(_Strict):
@@ -91,8 +92,12 @@ class Manifest(_Strict):
     url_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
     download_max_mb: Annotated[float, Field(gt=0)] = 50.0
     requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    max_requests: Annotated[int, Field(ge=1)] | None = None
+    healthcheck_url: str | None = None
     defaults: Defaults = Defaults()
     jobs: Annotated[list[Job], Field(min_length=1)]
+
+    _http = field_validator("healthcheck_url")(lambda value: _http_url(value))
 
     def output_dir(self, source: Path) -> Path:
         return Path(self.output) if self.output else Path("output") / (self.name or source.stem)

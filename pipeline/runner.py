@@ -15,6 +15,7 @@ import hashlib
 import random
 import re
 import shutil
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,8 +37,10 @@ from pipeline.errors import (
     ItemError,
     NoImageError,
     PermanentError,
+    StorageError,
     UrlGoneError,
 )
+from pipeline.healthcheck import ping
 from pipeline.limiter import AdaptiveLimiter
 from pipeline.lock import OutputLock
 from pipeline.manifest import ASPECT_RATIOS, Item, Manifest, count_items, iter_items
@@ -45,6 +48,7 @@ from pipeline.plan import Step, decide
 from pipeline.secret import Secret
 from pipeline.state import Row, State
 
+STORAGE_ERRORS = (StorageError, sqlite3.Error)
 DOWNLOAD_TRIES = 3
 SAME_ERROR_STOP = 10  # this many items in a row failing with one permanent error: a configuration problem
 MAX_PAUSE_S = 900.0  # a Retry-After longer than this is honoured as this
@@ -81,6 +85,7 @@ class Summary:
     elapsed_s: float = 0.0
     stopped: str | None = None  # why the run stopped taking new items early
     fatal: str | None = None
+    storage: str | None = None  # the output could not be written
     signal: int | None = None
 
     @property
@@ -91,6 +96,8 @@ class Summary:
     def exit_code(self) -> int:
         if self.signal is not None:
             return 128 + self.signal
+        if self.storage:
+            return 74
         if self.fatal:
             return 3
         return 1 if self.failed else 0
@@ -101,6 +108,7 @@ class Summary:
             "failed": dict(self.failed), "remaining": self.remaining, "requests": self.requests,
             "retries": dict(self.retries), "downloads": self.downloads, "warnings": self.warnings,
             "elapsed_s": round(self.elapsed_s, 3), "stopped": self.stopped, "fatal": self.fatal,
+            "storage": self.storage,
             "exit_code": self.exit_code,
         }  # fmt: skip
 
@@ -135,26 +143,42 @@ class Runner:
             shutil.rmtree(self.output / ".partial")
             (self.output / ".partial").mkdir()
             self._state = State(self.output / "state.db")
-            run_id = self._state.start_run()
             try:
-                await self._run_all()
-            finally:
+                run_id = self._state.start_run()
+                try:
+                    await self._run_all()
+                except* STORAGE_ERRORS as group:
+                    self._storage_failed(group.exceptions[0])
                 self.summary.elapsed_s = time.monotonic() - started
                 write_dataset(self._state, self.output)
                 self._state.end_run(run_id, self.summary.exit_code, self.summary.as_dict())
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(exc)
+            finally:
                 self._state.close()
         return self.summary
 
-    def stop(self, reason: str, signal: int | None = None) -> None:
-        """Take no new items; in-flight ones get `grace_s` to finish. A second stop cancels them."""
-        if signal is not None:
-            self.summary.signal = signal
-        if self._stopping.is_set():
-            for task in self._tasks:
-                task.cancel()
-            return
-        self.summary.stopped = reason
-        self._stopping.set()
+    def _storage_failed(self, exc: BaseException) -> None:
+        if not self.summary.storage:
+            self.summary.storage = str(exc)
+        self.stop("storage")
+
+    def stop(self, reason: str) -> None:
+        """Take no new items; in-flight ones get `grace_s` to finish. The first reason is kept."""
+        if not self._stopping.is_set():
+            self.summary.stopped = reason
+            self._stopping.set()
+
+    def interrupt(self, signum: int) -> None:
+        """A signal: the first stops as `stop` does, a second cancels in-flight work at once."""
+        if self.summary.signal is not None:
+            self._cancel_all()
+        self.summary.signal = signum
+        self.stop("interrupted")
+
+    def _cancel_all(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
     async def _run_all(self) -> None:
         limit = self.manifest.concurrency + self.manifest.downloads_in_flight
@@ -169,11 +193,14 @@ class Runner:
                 session, self.output,
                 max_bytes=int(self.manifest.download_max_mb * 1_000_000), timeout_s=api.timeout_s,
             )  # fmt: skip
+            healthcheck = self.manifest.healthcheck_url
+            await ping(session, healthcheck, "/start")
             watchdog = asyncio.create_task(self._watchdog())
             try:
                 await self._feed(asyncio.Semaphore(limit))
             finally:
                 watchdog.cancel()
+                await ping(session, healthcheck, "" if self.summary.exit_code == 0 else "/fail")
 
     async def _feed(self, slots: asyncio.Semaphore) -> None:
         async with asyncio.TaskGroup() as group:
@@ -208,10 +235,15 @@ class Runner:
             self.stop("max_duration")
         await self._stopping.wait()
         await asyncio.sleep(self.options.grace_s)
-        for task in self._tasks:
-            task.cancel()
+        self._cancel_all()
 
     async def _process(self, item: Item, step: Step, row: Row | None) -> None:
+        try:
+            await self._work(item, step, row)
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+
+    async def _work(self, item: Item, step: Step, row: Row | None) -> None:
         if step in (Step.DOWNLOAD, Step.ADOPT) and self._adopt(item, row):
             return
         ref = row.url if step is Step.DOWNLOAD and row else None

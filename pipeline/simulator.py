@@ -46,6 +46,10 @@ class SimConfig:
     rate_reset: float = 0.0  # connection dropped before any reply
     rate_refusal: float = 0.0  # finish_reason content_filter, no image
     rate_truncate: float = 0.0  # image body cut short on the image host
+    rate_image_error: float = 0.0  # the image host answers 503
+    rate_corrupt: float = 0.0  # the image host sends bytes that do not decode
+    image_bytes: bytes | None = None  # serve these bytes for every image (hostile-image tests)
+    reply_content: str | None = None  # answer every generation with this content (hostile replies)
     rate_error200: float = 0.0  # HTTP 200 whose body is an `error` object (mid-stream when streaming)
     rate_no_image: float = 0.0  # text only, no image
     rate_expired: float = 0.0  # an image URL that has already expired (the host answers 403)
@@ -53,6 +57,7 @@ class SimConfig:
     hang_s: float = 30.0
     refuse_words: tuple[str, ...] = ()  # prompts containing one of these are always refused
     quota_exhausted: bool = False  # every request: 429 insufficient_quota
+    echo_auth: bool = False  # 400 errors quote the Authorization header back, as careless gateways do
     storm: tuple[float, float] | None = None  # every request 429s in this window (s after the first)
     shape: str = (
         "markdown"  # markdown | markdown_data | bare_data | images | parts_base64 | native | redirect
@@ -75,6 +80,7 @@ class SimStats:
     image_auth_headers: int = 0  # requests to the image host that carried Authorization
     prompts: Counter[str] = field(default_factory=Counter)  # generations per prompt
     request_times: list[float] = field(default_factory=list)
+    pings: list[str] = field(default_factory=list)  # healthcheck pings received, by path
 
 
 class Simulator:
@@ -97,6 +103,7 @@ class Simulator:
         api_app = web.Application(client_max_size=64 * 1024 * 1024)
         api_app.router.add_post("/v1/chat/completions", self._chat)
         api_app.router.add_get("/_sim/stats", self._stats)
+        api_app.router.add_get("/hc/{check:.*}", self._healthcheck)
         [api_origin] = await self._serve(api_app, host, api_port)
         self.base_url = api_origin + "/v1"
 
@@ -150,7 +157,8 @@ class Simulator:
             body = await request.json()
             prompt, ratio = _parse_request(body)
         except ValueError as exc:
-            return _error(400, str(exc), "invalid_request_error", None)
+            echo = f" (sent with {request.headers['Authorization']})" if c.echo_auth else ""
+            return _error(400, f"{exc}{echo}", "invalid_request_error", None)
         nth = self._asked[f"{prompt}\x1f{ratio}"]
         self._asked[f"{prompt}\x1f{ratio}"] += 1
         rng = random.Random(f"{c.seed}\x1f{prompt}\x1f{ratio}\x1f{nth}")
@@ -183,6 +191,10 @@ class Simulator:
         token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
         expires = time.time() - 1 if fault == "expired" else None
         return await _send(request, self._image_reply(ratio, token, expires), stream)
+
+    async def _healthcheck(self, request: web.Request) -> web.Response:
+        self.stats.pings.append(request.match_info["check"])
+        return web.Response(text="OK")
 
     def _in_storm(self) -> bool:
         storm = self.config.storm
@@ -231,7 +243,7 @@ class Simulator:
         elif shape == "bare_data":
             message = {"content": f"Here you go {url} enjoy"}
         else:  # markdown and redirect: a URL; markdown_data: a data URI
-            message = {"content": f"Here is your image: ![image]({url})"}
+            message = {"content": self.config.reply_content or f"Here is your image: ![image]({url})"}
         heartbeat = _completion("", "stop", delta=True)
         halves = _split_message(message)
         return [heartbeat, *(_completion(m, None, delta=True) for m in halves)]
@@ -296,12 +308,19 @@ class Simulator:
             return web.Response(status=403, text="Request has expired")
         width, height = int(request.match_info["w"]), int(request.match_info["h"])
         token = request.match_info["token"]
-        png = render_png(width, height, token)
+        png = self.config.image_bytes or render_png(width, height, token)
         nth = self._fetched[token]
         self._fetched[token] += 1
-        if random.Random(f"{self.config.seed}\x1f{token}\x1f{nth}").random() < self.config.rate_truncate:
+        c, roll = self.config, random.Random(f"{self.config.seed}\x1f{token}\x1f{nth}").random()
+        if roll < c.rate_truncate:
             stats.faults["truncated"] += 1
             return await _truncated(request, png)
+        if roll < c.rate_truncate + c.rate_image_error:
+            stats.faults["image_503"] += 1
+            return web.Response(status=503, text="<html>Service Unavailable</html>", content_type="text/html")
+        if roll < c.rate_truncate + c.rate_image_error + c.rate_corrupt:
+            stats.faults["corrupt"] += 1
+            return web.Response(body=png[: len(png) // 3] + b"garbage" * 50, content_type="image/png")
         stats.downloads += 1
         return web.Response(body=png, content_type="image/png")
 
