@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from pipeline.errors import ManifestError, OutputLockedError
-from pipeline.manifest import Manifest, count_items, load_manifest
+from pipeline.manifest import Manifest, load_manifest
 from pipeline.runner import Event, Runner, RunOptions, Summary
 from pipeline.secret import Secret
 from pipeline.simulator import SimConfig, Simulator
@@ -84,7 +84,7 @@ def _positive(text: str) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
-    print(f"{args.manifest}: valid: {len(manifest.jobs)} jobs, {count_items(manifest)} items")
+    print(f"{args.manifest}: valid: {len(manifest.jobs)} jobs, {manifest.total_items} items")
     return 0
 
 

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ManifestError
+from pipeline.sources import SourceRow, read_rows
 
 # The provider's ten presets and the pixel size each produces (provider contract, section 1).
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -37,6 +47,7 @@ assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 MAX_MANIFEST_BYTES = 5_000_000
 MAX_DEPTH = 20
+MAX_PROBLEMS = 50
 SECRET_KEYS = {"api_key", "key", "token", "apikey", "authorization", "secret"}
 
 
@@ -67,17 +78,32 @@ class Defaults(_Strict):
 
 
 class Job(_Strict):
+    """One prompt (`prompt`), or one per row of a file (`prompts_file`); `count` images of each."""
+
     id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
-    prompt: Annotated[str, Field(min_length=1, max_length=32_000)]
+    prompt: Annotated[str, Field(min_length=1, max_length=32_000)] | None = None
+    prompts_file: Annotated[str, Field(pattern=r"\.(txt|csv|jsonl)$")] | None = None
+    id_field: Annotated[str, Field(min_length=1)] | None = None
+    prompt_field: Annotated[str, Field(min_length=1)] | None = None
     aspect_ratio: AspectRatio | None = None
     count: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Job:
+        if (self.prompt is None) == (self.prompts_file is None):
+            raise ValueError("needs either `prompt` or `prompts_file`, not both")
+        if self.prompts_file is None and (self.id_field or self.prompt_field):
+            raise ValueError("`id_field` and `prompt_field` go with `prompts_file`")
+        if self.prompts_file is not None and self.id is not None:
+            raise ValueError("a `prompts_file` job takes its ids from `id_field` (or the prompts), not `id`")
+        return self
 
 
 class Manifest(_Strict):
@@ -96,6 +122,12 @@ class Manifest(_Strict):
     healthcheck_url: str | None = None
     defaults: Defaults = Defaults()
     jobs: Annotated[list[Job], Field(min_length=1)]
+    _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest
+    _total: int = PrivateAttr(default=0)  # items, counted by the validation pass
+
+    @property
+    def total_items(self) -> int:
+        return self._total
 
     _http = field_validator("healthcheck_url")(lambda value: _http_url(value))
 
@@ -109,22 +141,19 @@ class Manifest(_Strict):
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One image to make: the `index`-th image of job `id`."""
+    """One image to make: the `index`-th image of job `id`. The fingerprint covers everything
+    that changes the image: a new fingerprint means a new image."""
 
     id: str
     index: int
     prompt: str
     aspect_ratio: str
     model: str
+    fingerprint: str
 
     @property
     def name(self) -> str:
         return f"{self.id}_{self.index}"
-
-    @property
-    def fingerprint(self) -> str:
-        """Covers everything that changes the image: a new fingerprint means a new image."""
-        return item_fingerprint(self.prompt, self.aspect_ratio, self.model)
 
 
 def item_fingerprint(prompt: str, aspect_ratio: str, model: str) -> str:
@@ -138,21 +167,40 @@ def derive_id(prompt: str) -> str:
     return f"{slug}-{digest}" if slug else f"p-{digest}"
 
 
-def job_id(job: Job) -> str:
-    return job.id or derive_id(job.prompt)
-
-
 def iter_items(manifest: Manifest) -> Iterator[Item]:
-    """Every item of the manifest, in manifest order, one at a time."""
+    """Every item of the manifest, in manifest order, one at a time (prompt files read lazily)."""
     model = manifest.api.model
-    for job in manifest.jobs:
-        ratio = job.aspect_ratio or manifest.defaults.aspect_ratio
-        for index in range(job.count or manifest.defaults.count):
-            yield Item(job_id(job), index, job.prompt, ratio, model)
+    for _, ident, prompt, ratio, count in _prompts(manifest):
+        fingerprint = item_fingerprint(prompt, ratio, model)
+        for index in range(count):
+            yield Item(ident, index, prompt, ratio, model, fingerprint)
 
 
-def count_items(manifest: Manifest) -> int:
-    return sum(job.count or manifest.defaults.count for job in manifest.jobs)
+def _prompts(
+    manifest: Manifest, problems: list[str] | None = None
+) -> Iterator[tuple[str, str, str, str, int]]:
+    """(place, id, prompt, aspect ratio, count) of every prompt; rows with problems are skipped
+    (and described in `problems` when given)."""
+    defaults = manifest.defaults
+    for i, job in enumerate(manifest.jobs):
+        ratio = job.aspect_ratio or defaults.aspect_ratio
+        count = job.count or defaults.count
+        if job.prompt is not None:
+            yield f"jobs[{i}]", job.id or derive_id(job.prompt), job.prompt, ratio, count
+            continue
+        path = manifest._base / str(job.prompts_file)
+        for row in read_rows(path, job.id_field, job.prompt_field or "prompt"):
+            if isinstance(row, SourceRow):
+                ident = row.id or derive_id(row.prompt)
+                yield (
+                    f"{path}: line {row.line}",
+                    ident,
+                    row.prompt,
+                    row.aspect_ratio or ratio,
+                    row.count or count,
+                )
+            elif problems is not None:
+                problems.append(f"{path}: {row}")
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -172,10 +220,55 @@ def load_manifest(path: Path) -> Manifest:
         raise ManifestError(
             [_problem(path, lines, _loc(e["loc"]), _describe(e)) for e in exc.errors()]
         ) from None
-    problems = [_problem(path, lines, place, text) for place, text in _duplicate_ids(manifest)]
+    manifest._base = path.parent
+    missing = [
+        _problem(path, lines, f"jobs[{i}].prompts_file", f"no such file: {path.parent / job.prompts_file}")
+        for i, job in enumerate(manifest.jobs)
+        if job.prompts_file and not (path.parent / job.prompts_file).is_file()
+    ]
+    if missing:
+        raise ManifestError(missing)
+    manifest._total = _check_prompts(manifest, path, lines)
+    return manifest
+
+
+def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int]) -> int:
+    """One streaming pass over every prompt: row problems and duplicate ids, in flat memory.
+
+    Returns the number of items. Ids go to a temporary on-disk SQLite table, not a Python set,
+    so a million-row prompts file costs no more memory than a ten-row one.
+    """
+    problems: list[str] = []
+    total = 0
+    seen = sqlite3.connect("")  # "" is a private temporary database on disk, deleted on close
+    try:
+        seen.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT) WITHOUT ROWID")
+        seen.execute("BEGIN")
+        for place, ident, prompt, _, count in _prompts(manifest, problems):
+            total += count
+            try:
+                seen.execute("INSERT INTO ids VALUES (?, ?)", (ident, place))
+            except sqlite3.IntegrityError:
+                (first,) = seen.execute("SELECT place FROM ids WHERE id = ?", (ident,)).fetchone()
+                derived = ident == derive_id(prompt)
+                problems.append(_duplicate(path, lines, place, ident, first, derived))
+            if len(problems) >= MAX_PROBLEMS:
+                problems.append("... stopped after that many problems")
+                break
+    finally:
+        seen.close()
     if problems:
         raise ManifestError(problems)
-    return manifest
+    return total
+
+
+def _duplicate(path: Path, lines: dict[str, int], place: str, ident: str, first: str, derived: bool) -> str:
+    text = f'"{ident}" is also the id of {first}'
+    if derived:
+        text += " (derived from the prompt: give one of them an id)"
+    if place.startswith("jobs["):
+        return _problem(path, lines, f"{place}.id", text)
+    return f"{place}: id {text}"
 
 
 def _parse_yaml(path: Path, raw: bytes) -> tuple[Any, dict[str, int]]:
@@ -254,7 +347,7 @@ def _describe(error: Any) -> str:
     if kind == "string_pattern_mismatch" and last == "id":
         return f"{_show(value)} must be 1-100 characters of A-Z a-z 0-9 . _ -"
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{message}, got {_show(value)}" if place else message
+    return f"{message}, got {_show(value)}" if place and not isinstance(value, dict) else message
 
 
 def _show(value: Any) -> str:
@@ -270,14 +363,3 @@ def _show(value: Any) -> str:
 
 def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-def _duplicate_ids(manifest: Manifest) -> Iterator[tuple[str, str]]:
-    first: dict[str, int] = {}
-    for i, job in enumerate(manifest.jobs):
-        ident = job_id(job)
-        if ident in first:
-            how = "" if job.id else " (derived from the prompt: give one of them an `id`)"
-            yield f"jobs[{i}].id", f'"{ident}" is also the id of jobs[{first[ident]}]{how}'
-        else:
-            first[ident] = i

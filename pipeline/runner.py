@@ -43,7 +43,7 @@ from pipeline.errors import (
 from pipeline.healthcheck import ping
 from pipeline.limiter import AdaptiveLimiter
 from pipeline.lock import OutputLock
-from pipeline.manifest import ASPECT_RATIOS, Item, Manifest, count_items, iter_items
+from pipeline.manifest import ASPECT_RATIOS, Item, Manifest, iter_items
 from pipeline.plan import Step, decide
 from pipeline.secret import Secret
 from pipeline.state import Row, State
@@ -124,7 +124,7 @@ class Runner:
         self.manifest = manifest
         self.output = output
         self.options = options
-        self.summary = Summary(total=count_items(manifest))
+        self.summary = Summary(total=manifest.total_items)
         self._on_event = on_event
         self._rng = random.Random(options.seed)
         self._limiter = AdaptiveLimiter(manifest.concurrency, manifest.backoff_base_s, manifest.backoff_cap_s)

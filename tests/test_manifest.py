@@ -21,7 +21,7 @@ BAD = {
     ),
     "unquoted aspect ratio read as a number": ("jobs:\n  - {prompt: a, aspect_ratio: 16:9}\n", "quote it"),
     "empty prompt": ('jobs:\n  - {prompt: "   "}\n', 'jobs[0].prompt: must not be empty, got "   " (line 2)'),
-    "missing prompt": ("jobs:\n  - {id: x}\n", "jobs[0].prompt: is required (line 2)"),
+    "missing prompt": ("jobs:\n  - {id: x}\n", "jobs[0]: needs either `prompt` or `prompts_file`, not both (line 2)"),
     "count zero": ("jobs:\n  - {prompt: a, count: 0}\n", "jobs[0].count: Input should be greater than or equal to 1"),
     "bad id characters": ('jobs:\n  - {id: "../etc", prompt: a}\n', 'jobs[0].id: "../etc" must be 1-100 characters'),
     "duplicate ids": ("jobs:\n  - {id: a, prompt: x}\n  - {id: a, prompt: y}\n", 'jobs[1].id: "a" is also the id of jobs[0] (line 3)'),
