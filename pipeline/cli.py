@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.errors import ManifestError, OutputLockedError
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.plan import TYPICAL_LATENCY_S, preview
 from pipeline.runner import Event, Runner, RunOptions, Summary
 from pipeline.secret import Secret
 from pipeline.simulator import SimConfig, Simulator
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output folder (default: the manifest's)")
     run.add_argument("--concurrency", type=_positive, help="generation requests in flight at most")
     run.add_argument("--retry-failed", action="store_true", help="also retry items failed for good")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and its cost; send nothing")
     run.add_argument("--max-requests", type=_positive, help="send at most N generation requests")
     run.add_argument("--max-duration", type=float, metavar="SECONDS", help="take no new items after this")
     run.add_argument("--grace-s", type=float, default=30.0, help="on a stop, time for in-flight work")
@@ -93,12 +95,49 @@ def _run(args: argparse.Namespace) -> int:
     if args.concurrency:
         manifest = manifest.model_copy(update={"concurrency": args.concurrency})
     output = args.output or manifest.output_dir(args.manifest)
+    if args.dry_run:
+        return _dry_run(args, manifest, output)
     if args.simulate:
         return asyncio.run(_run_simulated(args, manifest, output))
     base_url, key = _provider(args.manifest, manifest)
     return asyncio.run(
         _run_with(args, manifest, output, RunOptions(base_url, key, **_budget(args, manifest)))
     )
+
+
+PLAN_NOTES = {
+    "new": "to generate",
+    "changed": "prompt, aspect ratio or model edited: regenerate",
+    "retry": "failed or unfinished last time: generate again",
+    "resume": "generated before a crash: adopt the file on disk, else generate",
+    "download": "URL still fresh: download, no new payment",
+    "done": "",
+    "failed": "failed for good (--retry-failed tries again)",
+}
+
+
+def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
+    plan = preview(manifest, output, args.retry_failed)
+    if args.log_format == "json":
+        print(json.dumps({"event": "plan", "output": str(output), **plan.as_dict()}))
+        return 0
+    print(f"plan for {args.manifest} -> {output} (nothing is sent)")
+    print(f"  {'items':<9}{plan.items:>9}")
+    for label, note in PLAN_NOTES.items():
+        print(f"  {label:<9}{plan.steps[label]:>9}  {note}".rstrip())
+    print(f"  {'orphaned':<9}{plan.orphaned:>9}  in the output, no longer in the manifest (kept)")
+    print(
+        f"paid requests <= {plan.paid_requests}, about ${plan.cost:,.2f} at ${manifest.price_per_image}/image,"
+        f" about {_duration(plan.duration_s)} at concurrency {manifest.concurrency}"
+        f" and {TYPICAL_LATENCY_S:.0f} s per image"
+    )
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _provider(source: Path, manifest: Manifest) -> tuple[str, Secret]:

@@ -120,6 +120,7 @@ class Manifest(_Strict):
     requests_per_minute: Annotated[float, Field(gt=0)] | None = None
     max_requests: Annotated[int, Field(ge=1)] | None = None
     healthcheck_url: str | None = None
+    price_per_image: Annotated[float, Field(ge=0)] = 0.039  # USD, for --dry-run estimates
     defaults: Defaults = Defaults()
     jobs: Annotated[list[Job], Field(min_length=1)]
     _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest

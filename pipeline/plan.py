@@ -1,29 +1,37 @@
-"""What each item needs, decided from the manifest and the state store. Pure."""
+"""What each item needs, from the manifest, the state store and the files on disk.
+
+`decide` is the pure rule; `plan_items` applies it to every item as a stream; `preview` counts the
+plan for `run --dry-run` without sending anything or writing anything.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
+from typing import Any
 
 from pipeline.errors import PERMANENT_KINDS
-from pipeline.manifest import Item
-from pipeline.state import Row
+from pipeline.manifest import Item, Manifest, iter_items
+from pipeline.state import Row, State
+
+TYPICAL_LATENCY_S = 15.0  # a generation takes 5-15 s as documented, 8-30 s in real traffic
 
 
 class Step(Enum):
     DONE = "done"  # its image is on disk: nothing to pay for
     FAILED = "failed"  # failed for good last time; left alone unless --retry-failed
-    DOWNLOAD = "download"  # generated, its URL still fresh: fetch without paying again
-    ADOPT = "adopt"  # generated, maybe fetched before a crash: look on disk before paying again
+    DOWNLOAD = "download"  # generated, its URL still fresh: look on disk, else fetch; no new payment
+    ADOPT = "adopt"  # generated, its URL stale or inline: look on disk before paying again
     GENERATE = "generate"
 
 
 def decide(
-    item: Item,
-    row: Row | None,
-    image_exists: bool,
-    now: float,
-    url_ttl_s: float,
-    retry_failed: bool,
+    item: Item, row: Row | None, image_exists: bool, now: float, url_ttl_s: float, retry_failed: bool
 ) -> Step:
     if row is None:
         return Step.GENERATE
@@ -38,3 +46,72 @@ def decide(
         fresh = row.url is not None and row.url_at is not None and now - row.url_at < url_ttl_s
         return Step.DOWNLOAD if fresh else Step.ADOPT
     return Step.GENERATE
+
+
+def plan_items(
+    manifest: Manifest, state: State | None, output: Path, retry_failed: bool
+) -> Iterator[tuple[Item, Row | None, Step]]:
+    """Every item with its state row and what it needs, one at a time."""
+    for item in iter_items(manifest):
+        row = state.get(item) if state else None
+        exists = row is not None and row.file is not None and (output / row.file).exists()
+        yield item, row, decide(item, row, exists, time.time(), manifest.url_ttl_s, retry_failed)
+
+
+@dataclass
+class Preview:
+    """The plan of a run, counted: what `run --dry-run` prints."""
+
+    items: int = 0
+    steps: Counter[str] = field(default_factory=Counter)  # new, changed, done, failed, retry, ...
+    orphaned: int = 0  # recorded in the output but no longer in the manifest
+    concurrency: int = 1
+    price_per_image: float = 0.0
+
+    @property
+    def paid_requests(self) -> int:
+        """At most this many generations (found files and fresh URLs may save some)."""
+        return sum(self.steps[s] for s in ("new", "changed", "retry", "resume"))
+
+    @property
+    def cost(self) -> float:
+        return self.paid_requests * self.price_per_image
+
+    @property
+    def duration_s(self) -> float:
+        return math.ceil(self.paid_requests / self.concurrency) * TYPICAL_LATENCY_S
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "items": self.items, **{k: self.steps[k] for k in LABELS}, "orphaned": self.orphaned,
+            "paid_requests": self.paid_requests, "cost_usd": round(self.cost, 2),
+            "duration_s": round(self.duration_s), "concurrency": self.concurrency,
+        }  # fmt: skip
+
+
+LABELS = ("new", "changed", "done", "failed", "retry", "download", "resume")
+
+
+def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
+    state = State(output / "state.db", readonly=True) if (output / "state.db").exists() else None
+    result = Preview(concurrency=manifest.concurrency, price_per_image=manifest.price_per_image)
+    try:
+        matched = 0
+        for item, row, step in plan_items(manifest, state, output, retry_failed):
+            result.items += 1
+            matched += row is not None
+            result.steps[_label(item, row, step)] += 1
+        result.orphaned = (state.count_rows() if state else 0) - matched
+    finally:
+        if state:
+            state.close()
+    return result
+
+
+def _label(item: Item, row: Row | None, step: Step) -> str:
+    if step is Step.GENERATE:
+        if row is None:
+            return "new"
+        return "changed" if row.fp != item.fingerprint else "retry"
+    labels = {Step.DOWNLOAD: "download", Step.ADOPT: "resume"}
+    return labels.get(step, str(step.value))

@@ -43,8 +43,8 @@ from pipeline.errors import (
 from pipeline.healthcheck import ping
 from pipeline.limiter import AdaptiveLimiter
 from pipeline.lock import OutputLock
-from pipeline.manifest import ASPECT_RATIOS, Item, Manifest, iter_items
-from pipeline.plan import Step, decide
+from pipeline.manifest import ASPECT_RATIOS, Item, Manifest
+from pipeline.plan import Step, plan_items
 from pipeline.secret import Secret
 from pipeline.state import Row, State
 
@@ -204,11 +204,11 @@ class Runner:
 
     async def _feed(self, slots: asyncio.Semaphore) -> None:
         async with asyncio.TaskGroup() as group:
-            for item in iter_items(self.manifest):
+            for item, row, step in plan_items(
+                self.manifest, self._state, self.output, self.options.retry_failed
+            ):
                 if self._stopping.is_set():
                     break
-                row = self._state.get(item)
-                step = self._decide(item, row)
                 if step is Step.DONE:
                     self.summary.skipped += 1
                     continue
@@ -220,11 +220,6 @@ class Runner:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 task.add_done_callback(lambda _: slots.release())
-
-    def _decide(self, item: Item, row: Row | None) -> Step:
-        exists = row is not None and row.image is not None and (self.output / str(row.image_file)).exists()
-        url_ttl = self.manifest.url_ttl_s
-        return decide(item, row, exists, time.time(), url_ttl, self.options.retry_failed)
 
     async def _watchdog(self) -> None:
         """Stops the run at --max-duration; cancels what is left when the grace period ends."""
@@ -337,17 +332,17 @@ class Runner:
 
     def _adopt(self, item: Item, row: Row | None) -> bool:
         """A file that landed before a crash lost its state write: verify it and take it."""
-        known = row.image_file if row else None
+        recorded = self._state.image_sha256(item)  # the previous image, if any: not a new one
         for path in sorted((self.output / "images").glob(f"{item.name}.*")):
-            if f"images/{path.name}" == known:
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest == recorded:
                 continue
             try:
                 _, width, height = inspect_image(path)
             except ValueError:
                 path.unlink()
                 continue
-            data = path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
             stored = StoredImage(f"images/{path.name}", digest, len(data), width, height)
             self._finish(item, stored)
             return True
@@ -358,7 +353,7 @@ class Runner:
         mismatch = ASPECT_RATIOS[item.aspect_ratio] != (stored.width, stored.height)
         self._state.record_done(item, _metadata(item, stored, mismatch))
         self._repeated = ("", 0)
-        old = previous.image_file if previous else None
+        old = previous.file if previous else None
         if old and old != stored.file:
             (self.output / old).unlink(missing_ok=True)
         self.summary.done += 1

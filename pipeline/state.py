@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS items (
     id TEXT NOT NULL, idx INTEGER NOT NULL, fp TEXT NOT NULL, status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, url TEXT, url_at REAL,
     error_type TEXT, message TEXT, prompt TEXT NOT NULL,
-    image TEXT, image_fp TEXT, updated_at REAL NOT NULL,
+    image TEXT, image_fp TEXT, file TEXT, updated_at REAL NOT NULL,
     PRIMARY KEY (id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
@@ -45,31 +45,39 @@ class Row:
     url: str | None
     url_at: float | None
     error_type: str | None
-    image: str | None
     image_fp: str | None
-
-    @property
-    def image_file(self) -> str | None:
-        return json.loads(self.image)["file_name"] if self.image else None
+    file: str | None  # the image's path relative to the output folder
 
 
 class State:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        if readonly:
+            self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            return
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+
+    def count_rows(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()
 
     def get(self, item: Item) -> Row | None:
         found = self._db.execute(
-            "SELECT fp, status, attempts, url, url_at, error_type, image, image_fp"
+            "SELECT fp, status, attempts, url, url_at, error_type, image_fp, file"
             " FROM items WHERE id = ? AND idx = ?",
             (item.id, item.index),
         ).fetchone()
         return Row(*found) if found else None
+
+    def image_sha256(self, item: Item) -> str | None:
+        found = self._db.execute(
+            "SELECT image FROM items WHERE id = ? AND idx = ?", (item.id, item.index)
+        ).fetchone()
+        return json.loads(found[0])["sha256"] if found and found[0] else None
 
     def _upsert(self, item: Item, **fields: Any) -> None:
         fields |= {"fp": item.fingerprint, "prompt": item.prompt, "updated_at": time.time()}
@@ -94,6 +102,7 @@ class State:
         self._upsert(
             item, status="done", url=None, url_at=None, error_type=None, message=None,
             image=json.dumps(metadata, ensure_ascii=False), image_fp=item.fingerprint,
+            file=metadata["file_name"],
         )  # fmt: skip
 
     def record_failed(self, item: Item, error_type: str, message: str, attempts: int) -> None:

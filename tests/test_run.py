@@ -116,7 +116,7 @@ def test_recorded_fresh_url_is_downloaded_without_a_new_generation(tmp_path: Pat
     out = tmp_path / "out"
     (out / "images/a_1.png").unlink()  # as if the run died after recording the URL
     url = sim.image_url("1:1", "00ff00ff00ff00ff")
-    _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now'), image=NULL,"
+    _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now'), image=NULL, file=NULL,"
               " image_fp=NULL WHERE idx=1", url)  # fmt: skip
     sim.reset(sim.config)
     assert run("run", manifest) == 0
@@ -131,7 +131,7 @@ def test_expired_url_leads_to_exactly_one_new_generation(tmp_path: Path, sim: Si
     (out / "images/a_0.png").unlink()
     url = sim.image_url("1:1", "00ff00ff00ff00ff")
     _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now') - 7200,"
-              " image=NULL, image_fp=NULL", url)  # fmt: skip
+              " image=NULL, image_fp=NULL, file=NULL", url)  # fmt: skip
     sim.reset(sim.config)
     assert run("run", manifest) == 0
     assert sim.stats.generations == 1 and sim.stats.image_requests == 1
@@ -143,7 +143,7 @@ def test_url_expiring_on_the_image_host_goes_back_to_generation(tmp_path: Path, 
     out = tmp_path / "out"
     (out / "images/a_0.png").unlink()
     expired = sim.image_url("1:1", "00ff00ff00ff00ff", expires=1)  # the host answers 403
-    _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now'), image=NULL,"
+    _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now'), image=NULL, file=NULL,"
               " image_fp=NULL", expired)  # fmt: skip
     sim.reset(sim.config)
     assert run("run", manifest) == 0
@@ -156,7 +156,7 @@ def test_finished_file_whose_state_write_was_lost_is_adopted(tmp_path: Path, sim
     assert run("run", manifest) == 0
     out = tmp_path / "out"
     sha = metadata(out)[1]["sha256"]
-    _sql(out, "UPDATE items SET status='url', url=NULL, image=NULL, image_fp=NULL WHERE idx=1")
+    _sql(out, "UPDATE items SET status='url', url=NULL, image=NULL, image_fp=NULL, file=NULL WHERE idx=1")
     sim.reset(sim.config)
     assert run("run", manifest) == 0
     assert sim.stats.requests == 0 and sim.stats.image_requests == 0
@@ -169,7 +169,7 @@ def test_corrupt_leftover_is_not_adopted(tmp_path: Path, sim: Simulator) -> None
     assert run("run", manifest) == 0
     out = tmp_path / "out"
     (out / "images/a_0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    _sql(out, "UPDATE items SET status='url', url=NULL, image=NULL, image_fp=NULL")
+    _sql(out, "UPDATE items SET status='url', url=NULL, image=NULL, image_fp=NULL, file=NULL")
     assert run("run", manifest) == 0
     assert sim.stats.generations == 2
     assert len(assert_dataset_consistent(out)) == 1

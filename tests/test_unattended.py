@@ -118,6 +118,23 @@ def test_disk_full_while_writing_the_state(
     assert sim.stats.generations == 4  # the image whose record was lost was adopted, not paid again
 
 
+def test_lost_state_write_after_a_prompt_edit_adopts_the_new_image(tmp_path: Path, sim: Simulator,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    manifest = write_manifest(tmp_path, [{"id": "e", "prompt": "before"}])
+    assert run("run", manifest) == 0
+    write_manifest(tmp_path, [{"id": "e", "prompt": "after"}])
+
+    def lost(self: State, *args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(State, "record_done", lost)
+        assert run("run", manifest) == 74  # the new image replaced the old file; its record was lost
+    assert run("run", manifest) == 0
+    [row] = assert_dataset_consistent(tmp_path / "out")
+    assert row["prompt"] == "after" and sim.stats.generations == 2
+
+
 def test_max_requests_stops_where_it_says(
     tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
