@@ -127,9 +127,9 @@ def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
         print(f"  {label:<9}{plan.steps[label]:>9}  {note}".rstrip())
     print(f"  {'orphaned':<9}{plan.orphaned:>9}  in the output, no longer in the manifest (kept)")
     print(
-        f"paid requests <= {plan.paid_requests}, about ${plan.cost:,.2f} at ${manifest.price_per_image}/image,"
-        f" about {_duration(plan.duration_s)} at concurrency {manifest.concurrency}"
-        f" and {TYPICAL_LATENCY_S:.0f} s per image"
+        f"paid requests <= {plan.paid_requests}, about ${plan.cost:,.2f}"
+        f" at ${manifest.price_per_image}/image, about {_duration(plan.duration_s)}"
+        f" at concurrency {manifest.concurrency} and {TYPICAL_LATENCY_S:.0f} s per image"
     )
     return 0
 
