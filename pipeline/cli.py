@@ -224,13 +224,13 @@ class _Display:
 
     def event(self, event: Event) -> None:
         if event.kind in ("failed", "warning"):
-            self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", always=True,
-                       item=event.item, message=event.message)  # fmt: skip
+            self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", err=True,
+                       always=event.kind == "failed", item=event.item, message=event.message)  # fmt: skip
         elif event.kind == "done" and self._json:
             self._emit("item_done", "", item=event.item, file=event.message)
 
     def note(self, text: str) -> None:
-        self._emit("note", text, always=True, message=text)
+        self._emit("note", text, always=True, err=True, message=text)
 
     async def tick(self, summary: Summary) -> None:
         while True:
@@ -257,7 +257,10 @@ class _Display:
             return
         print(format_summary(summary, output), file=self._out, flush=True)
 
-    def _emit(self, event: str, text: str, always: bool = False, **fields: Any) -> None:
+    def _emit(self, event: str, text: str, always: bool = False, err: bool = False, **fields: Any) -> None:
+        """One event: a JSON line, or text (diagnostics to stderr); `--quiet` keeps only `always`."""
+        if self._quiet and not always:
+            return
         if self._json:
             print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, ensure_ascii=False),
                   file=self._out, flush=True)  # fmt: skip
@@ -265,7 +268,7 @@ class _Display:
             if self._bar is not None:
                 self._bar.write(text, file=self._out)
             else:
-                print(text, file=sys.stderr if always else self._out, flush=True)
+                print(text, file=sys.stderr if err else self._out, flush=True)
 
 
 def format_summary(summary: Summary, output: Path) -> str:

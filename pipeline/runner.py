@@ -44,6 +44,7 @@ from pipeline.healthcheck import ping
 from pipeline.limiter import AdaptiveLimiter
 from pipeline.lock import OutputLock
 from pipeline.manifest import ASPECT_RATIOS, Item, Manifest
+from pipeline.metrics import Histogram
 from pipeline.plan import Step, plan_items
 from pipeline.secret import Secret
 from pipeline.state import Row, State
@@ -87,6 +88,7 @@ class Summary:
     fatal: str | None = None
     storage: str | None = None  # the output could not be written
     signal: int | None = None
+    download_wait: Histogram = field(default_factory=Histogram)  # URL received -> download started
 
     @property
     def remaining(self) -> int:
@@ -109,6 +111,9 @@ class Summary:
             "retries": dict(self.retries), "downloads": self.downloads, "warnings": self.warnings,
             "elapsed_s": round(self.elapsed_s, 3), "stopped": self.stopped, "fatal": self.fatal,
             "storage": self.storage,
+            "download_wait_ms": {
+                "p50": self.download_wait.percentile(0.5), "p99": self.download_wait.percentile(0.99),
+            },
             "exit_code": self.exit_code,
         }  # fmt: skip
 
@@ -242,6 +247,7 @@ class Runner:
         if step in (Step.DOWNLOAD, Step.ADOPT) and self._adopt(item, row):
             return
         ref = row.url if step is Step.DOWNLOAD and row else None
+        received_at = time.monotonic()
         attempts = 0
         while True:
             if ref is None:
@@ -257,9 +263,10 @@ class Runner:
                 if ref is None:
                     return  # the run is stopping; the item stays resumable
                 attempts += 1
+                received_at = time.monotonic()
                 self._state.record_generated(item, ref if not ref.startswith("data:") else None, attempts)
             try:
-                stored = await self._download(item, ref)
+                stored = await self._download(item, ref, received_at)
             except ItemError as exc:
                 ref = None
                 if isinstance(exc, UrlGoneError | DownloadError) and attempts < self.manifest.max_attempts:
@@ -316,10 +323,12 @@ class Runner:
     def _backoff(self, attempt: int) -> float:
         return backoff_delay(attempt, self._rng, self.manifest.backoff_base_s, self.manifest.backoff_cap_s)
 
-    async def _download(self, item: Item, ref: str) -> StoredImage:
+    async def _download(self, item: Item, ref: str, received_at: float) -> StoredImage:
         for tries in range(1, DOWNLOAD_TRIES + 1):
             try:
                 async with self._downloads:
+                    if tries == 1:
+                        self.summary.download_wait.add(time.monotonic() - received_at)
                     stored = await self._downloader.fetch(ref, item.name)
                 self.summary.downloads += 1
                 return stored
