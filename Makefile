@@ -25,9 +25,12 @@ test: install ## run the whole test suite
 	$(BIN)/pytest
 
 lint: install ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check pipeline tests
-	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
 	$(BIN)/mypy pipeline
 
 clean: ## remove the virtualenv and generated output
 	rm -rf $(VENV) output/*/ *.egg-info
+
+bench: install ## benchmark the real CLI on the simulator (minutes; prints a table, writes output/bench/latest.json)
+	$(BIN)/python bench/bench.py

@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--latency", type=float, default=1.0)
     sim.add_argument("--jitter", type=float, default=0.5)
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--image-scale", type=int, default=1, help="divide image sizes by this")
+    sim.add_argument("--distinct-images", type=int, default=0, help="draw only N pictures (cheap)")
     for fault in ("429", "429_retry_after", "500", "reset", "refusal", "truncate"):
         sim.add_argument(f"--rate-{fault.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{fault}")
     sim.set_defaults(command=_simulate)
@@ -294,7 +296,10 @@ def format_summary(summary: Summary, output: Path) -> str:
 
 def _simulate(args: argparse.Namespace) -> int:
     rates = {k: v for k, v in vars(args).items() if k.startswith("rate_")}
-    config = SimConfig(key=args.key, latency_s=args.latency, jitter_s=args.jitter, seed=args.seed, **rates)
+    config = SimConfig(
+        key=args.key, latency_s=args.latency, jitter_s=args.jitter, seed=args.seed,
+        image_scale=args.image_scale, distinct_images=args.distinct_images, **rates,
+    )  # fmt: skip
 
     async def serve() -> None:
         simulator = Simulator(config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import re
 import shutil
@@ -30,7 +29,7 @@ from aiolimiter import AsyncLimiter
 from pipeline.classify import backoff_delay
 from pipeline.client import Client
 from pipeline.dataset import write_dataset
-from pipeline.download import Downloader, StoredImage, inspect_image
+from pipeline.download import Downloader, StoredImage, file_digest, fsync_path, inspect_image
 from pipeline.errors import (
     DownloadError,
     FatalError,
@@ -139,6 +138,8 @@ class Runner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._repeated: tuple[str, int] = ("", 0)  # the last permanent error, and items in a row
+        self._next_commit: asyncio.Future[None] | None = None
+        self._written = asyncio.Event()  # state writes await the committer
 
     async def run(self) -> Summary:
         started = time.monotonic()
@@ -149,6 +150,7 @@ class Runner:
             (self.output / ".partial").mkdir()
             self._state = State(self.output / "state.db")
             try:
+                self._state.begin()
                 run_id = self._state.start_run()
                 try:
                     await self._run_all()
@@ -200,11 +202,14 @@ class Runner:
             )  # fmt: skip
             healthcheck = self.manifest.healthcheck_url
             await ping(session, healthcheck, "/start")
-            watchdog = asyncio.create_task(self._watchdog())
+            helpers = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._committer())]
             try:
                 await self._feed(asyncio.Semaphore(limit))
             finally:
-                watchdog.cancel()
+                for helper in helpers:
+                    helper.cancel()
+                self._downloader.close()
+                self._commit()
                 await ping(session, healthcheck, "" if self.summary.exit_code == 0 else "/fail")
 
     async def _feed(self, slots: asyncio.Semaphore) -> None:
@@ -226,6 +231,35 @@ class Runner:
                 task.add_done_callback(self._tasks.discard)
                 task.add_done_callback(lambda _: slots.release())
 
+    async def _committer(self) -> None:
+        """Group commit: wake on the first write, commit everything written meanwhile at once."""
+        while True:
+            await self._written.wait()
+            self._written.clear()
+            if self._next_commit is not None:  # images were renamed into place: make that durable first
+                await asyncio.to_thread(fsync_path, self.output / "images")
+            self._commit()
+
+    def _commit(self) -> None:
+        """One commit for every write since the last; wakes the items waiting to report done."""
+        waiting, self._next_commit = self._next_commit, None
+        try:
+            self._state.commit()
+        except sqlite3.Error as exc:
+            self._storage_failed(exc)
+            if waiting:
+                waiting.set_exception(exc)
+            return
+        if waiting:
+            waiting.set_result(None)
+
+    async def _durable(self) -> None:
+        """Wait for the commit that makes every write so far durable."""
+        if self._next_commit is None:
+            self._next_commit = asyncio.get_running_loop().create_future()
+        self._written.set()
+        await asyncio.shield(self._next_commit)
+
     async def _watchdog(self) -> None:
         """Stops the run at --max-duration; cancels what is left when the grace period ends."""
         limit = self.options.max_duration_s
@@ -244,7 +278,8 @@ class Runner:
             self._storage_failed(exc)
 
     async def _work(self, item: Item, step: Step, row: Row | None) -> None:
-        if step in (Step.DOWNLOAD, Step.ADOPT) and self._adopt(item, row):
+        old_file = row.file if row else None
+        if step in (Step.DOWNLOAD, Step.ADOPT) and await self._adopt(item, old_file):
             return
         ref = row.url if step is Step.DOWNLOAD and row else None
         received_at = time.monotonic()
@@ -265,6 +300,7 @@ class Runner:
                 attempts += 1
                 received_at = time.monotonic()
                 self._state.record_generated(item, ref if not ref.startswith("data:") else None, attempts)
+                self._written.set()  # a paid URL: commit it now, without waiting for it
             try:
                 stored = await self._download(item, ref, received_at)
             except ItemError as exc:
@@ -275,7 +311,7 @@ class Runner:
                     continue
                 self._fail(item, exc, attempts)
                 return
-            self._finish(item, stored)
+            await self._finish(item, stored, old_file)
             return
 
     async def _pause(self, seconds: float) -> None:
@@ -339,12 +375,11 @@ class Runner:
                 await asyncio.sleep(self._backoff(tries))
         raise AssertionError("unreachable")
 
-    def _adopt(self, item: Item, row: Row | None) -> bool:
+    async def _adopt(self, item: Item, old_file: str | None) -> bool:
         """A file that landed before a crash lost its state write: verify it and take it."""
         recorded = self._state.image_sha256(item)  # the previous image, if any: not a new one
         for path in sorted((self.output / "images").glob(f"{item.name}.*")):
-            data = path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
+            digest, size = file_digest(path)
             if digest == recorded:
                 continue
             try:
@@ -352,19 +387,19 @@ class Runner:
             except ValueError:
                 path.unlink()
                 continue
-            stored = StoredImage(f"images/{path.name}", digest, len(data), width, height)
-            self._finish(item, stored)
+            stored = StoredImage(f"images/{path.name}", digest, size, width, height)
+            await self._finish(item, stored, old_file)
             return True
         return False
 
-    def _finish(self, item: Item, stored: StoredImage) -> None:
-        previous = self._state.get(item)
+    async def _finish(self, item: Item, stored: StoredImage, old_file: str | None) -> None:
+        """Record the image; report it only once that record is durable."""
         mismatch = ASPECT_RATIOS[item.aspect_ratio] != (stored.width, stored.height)
         self._state.record_done(item, _metadata(item, stored, mismatch))
+        await self._durable()
         self._repeated = ("", 0)
-        old = previous.file if previous else None
-        if old and old != stored.file:
-            (self.output / old).unlink(missing_ok=True)
+        if old_file and old_file != stored.file:
+            (self.output / old_file).unlink(missing_ok=True)  # the image this one replaces
         self.summary.done += 1
         if mismatch:
             self.summary.warnings += 1

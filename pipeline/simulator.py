@@ -65,6 +65,7 @@ class SimConfig:
     ignore_aspect_ratio: bool = False  # like relays that always return 1024x1024
     url_ttl_s: float = 3600.0
     image_scale: int = 1  # divide image sizes by this (benchmarks: small images)
+    distinct_images: int = 0  # 0: a picture per token; N: only N pictures, drawn once (benchmarks)
 
 
 @dataclass
@@ -308,10 +309,11 @@ class Simulator:
             return web.Response(status=403, text="Request has expired")
         width, height = int(request.match_info["w"]), int(request.match_info["h"])
         token = request.match_info["token"]
-        png = self.config.image_bytes or render_png(width, height, token)
+        picture = f"{int(token, 16) % c.distinct_images:x}" if (c := self.config).distinct_images else token
+        png = c.image_bytes or render_png(width, height, picture)
         nth = self._fetched[token]
         self._fetched[token] += 1
-        c, roll = self.config, random.Random(f"{self.config.seed}\x1f{token}\x1f{nth}").random()
+        roll = random.Random(f"{c.seed}\x1f{token}\x1f{nth}").random()
         if roll < c.rate_truncate:
             stats.faults["truncated"] += 1
             return await _truncated(request, png)

@@ -16,6 +16,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,36 @@ class State:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Many writes, one commit."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def count_rows(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+        finally:
+            self._db.close()
+
+    def begin(self) -> None:
+        """From now on writes accumulate until `commit()`: one commit makes many writes durable."""
+        self._db.execute("BEGIN")
+
+    def commit(self) -> None:
+        """Make every write so far durable, and keep batching."""
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
 
     def get(self, item: Item) -> Row | None:
         found = self._db.execute(

@@ -1,0 +1,238 @@
+"""`make bench`: the real CLI against the simulator, measured. Not a test: it prints one table and
+writes it as JSON to output/bench/latest.json. Ratios matter, not absolute times (shared machine).
+
+    python bench/bench.py           # the full sizes of the issue (several minutes)
+    python bench/bench.py --quick   # tiny sizes: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from pipeline.manifest import iter_items, load_manifest
+from pipeline.simulator import render_png
+from pipeline.state import State
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "output" / "bench"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class SimProcess:
+    """`pipeline simulate` in its own process, so its CPU is measured apart from ours."""
+
+    def __init__(self, *knobs: str) -> None:
+        command = [sys.executable, "-m", "pipeline", "simulate", "--port", "0", "--key", "bench", *knobs]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        self.base_url = re.search(r"IMAGE_API_BASE_URL=(\S+)", line).group(1)  # type: ignore[union-attr]
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def measured(*args: str | Path, base_url: str) -> dict[str, Any]:
+    """Run the CLI: its last JSON line, wall time, and its own CPU time and peak RSS (wait4)."""
+    env = {**os.environ, "IMAGE_API_BASE_URL": base_url, "IMAGE_API_KEY": "bench"}
+    command = [sys.executable, "-m", "pipeline", *map(str, args), "--quiet", "--log-format", "json"]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
+    assert process.stdout is not None
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "result": json.loads(out.decode().strip().splitlines()[-1]),
+        "wall_s": time.perf_counter() - started,
+        "exit": process.returncode,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
+
+
+def manifest(folder: Path, items: int, concurrency: int, **top: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = folder / "prompts.jsonl"
+    with prompts.open("w") as out:
+        for n in range(items):
+            out.write(json.dumps({"id": f"item-{n}", "prompt": f"benchmark prompt number {n}"}) + "\n")
+    path = folder / "bench.yaml"
+    body = {"output": str(folder / "out"), "concurrency": concurrency, **top,
+            "jobs": [{"prompts_file": "prompts.jsonl", "id_field": "id"}]}  # fmt: skip
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+async def bare_client(base_url: str, items: int, concurrency: int) -> float:
+    """The ceiling: the same requests and downloads with nothing else (no disk, state, checks)."""
+    gate = asyncio.Semaphore(concurrency)
+    url_re = re.compile(r"\]\((http[^)]+)\)")
+
+    async def one(session: aiohttp.ClientSession, n: int) -> None:
+        body = {"model": "gemini-2.5-flash-image",
+                "messages": [{"role": "user", "content": f"ceiling prompt {n}"}],
+                "extra_body": {"google": {"image_config": {"aspect_ratio": "1:1"}}}}  # fmt: skip
+        async with gate:
+            headers = {"Authorization": "Bearer bench"}
+            async with session.post(f"{base_url}/chat/completions", json=body, headers=headers) as resp:
+                reply = await resp.json()
+            url = url_re.search(reply["choices"][0]["message"]["content"]).group(1)  # type: ignore[union-attr]
+            async with session.get(url) as resp:
+                await resp.read()
+
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(session, n) for n in range(items)))
+        return items / (time.perf_counter() - started)
+
+
+def latency_bound(items: int) -> dict[str, Any]:
+    concurrency, latency = 64, 0.5
+    sim = SimProcess("--latency", str(latency), "--jitter", "0.1", "--distinct-images", "64")
+    try:
+        folder = _fresh(OUT / "latency")
+        sim_cpu = sim.cpu_s()
+        run = measured("run", manifest(folder, items, concurrency), base_url=sim.base_url)
+        sim_cpu = sim.cpu_s() - sim_cpu
+    finally:
+        sim.close()
+    rate = run["result"]["done"] / run["result"]["elapsed_s"]
+    return {
+        "items": items, "concurrency": concurrency, "items_per_s": round(rate, 1),
+        "efficiency": round(rate / (concurrency / latency), 3), "cpu_ms_per_item": _per_item(run, items),
+        "sim_cpu_s": round(sim_cpu, 1), "download_wait_p99_ms": run["result"]["download_wait_ms"]["p99"],
+        "exit": run["exit"],
+    }  # fmt: skip
+
+
+def overhead_bound(items: int) -> dict[str, Any]:
+    concurrency = 64
+    sim = SimProcess("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
+    try:
+        folder = _fresh(OUT / "overhead")
+        sim_cpu = sim.cpu_s()
+        run = measured("run", manifest(folder, items, concurrency), base_url=sim.base_url)
+        ours_sim_cpu, sim_cpu = sim.cpu_s() - sim_cpu, sim.cpu_s()
+        ceiling = asyncio.run(bare_client(sim.base_url, items, concurrency))
+        ceiling_sim_cpu = sim.cpu_s() - sim_cpu
+    finally:
+        sim.close()
+    rate = run["result"]["done"] / run["result"]["elapsed_s"]
+    return {
+        "items": items, "concurrency": concurrency, "items_per_s": round(rate, 1),
+        "cpu_ms_per_item": _per_item(run, items), "peak_rss_mb": run["rss_mb"],
+        "ceiling_items_per_s": round(ceiling, 1), "ratio_to_ceiling": round(rate / ceiling, 3),
+        "sim_cpu_s_ours": round(ours_sim_cpu, 1), "sim_cpu_s_ceiling": round(ceiling_sim_cpu, 1),
+        "download_wait_p99_ms": run["result"]["download_wait_ms"]["p99"], "exit": run["exit"],
+    }  # fmt: skip
+
+
+def scale(sizes: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    sim = SimProcess("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
+    try:
+        for items in sizes:
+            folder = _fresh(OUT / f"scale-{items}")
+            path = manifest(folder, items, 64)
+            plan = measured("run", path, "--dry-run", base_url=sim.base_url)
+            working = measured("run", path, "--max-duration", "3", base_url=sim.base_url)
+            _fake_done(path, folder / "out")
+            rerun = measured("run", path, base_url=sim.base_url)
+            assert rerun["result"]["requests"] == 0 and rerun["result"]["skipped"] == items, rerun
+            rows.append({
+                "items": items, "fresh_plan_s": round(plan["wall_s"], 2), "fresh_plan_rss_mb": plan["rss_mb"],
+                "working_run_rss_mb": working["rss_mb"], "done_rerun_s": round(rerun["wall_s"], 2),
+                "done_rerun_rss_mb": rerun["rss_mb"],
+            })  # fmt: skip
+            shutil.rmtree(folder)
+    finally:
+        sim.close()
+    return rows
+
+
+def _fake_done(path: Path, output: Path) -> None:
+    """Record every item as done, each image a hard link to one small PNG (setup, not measured)."""
+    shutil.rmtree(output, ignore_errors=True)
+    (output / "images").mkdir(parents=True)
+    template = output / "template.png"
+    template.write_bytes(render_png(64, 64, "bench"))
+    state = State(output / "state.db")
+    with state.transaction():
+        for item in iter_items(load_manifest(path)):
+            name = f"images/{item.name}.png"
+            os.link(template, output / name)
+            state.record_done(item, {"file_name": name, "sha256": "0", "bytes": 0})
+    state.close()
+
+
+def _per_item(run: dict[str, Any], items: int) -> float:
+    return round(run["cpu_s"] * 1000 / items, 2)
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = parser.parse_args()
+    sizes = ([200], [300], [1_000, 5_000]) if args.quick else ([3_000], [5_000], [10_000, 100_000, 1_000_000])
+    report = {
+        "latency_bound": latency_bound(sizes[0][0]),
+        "overhead_bound": overhead_bound(sizes[1][0]),
+        "scale": scale(sizes[2]),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "latest.json").write_text(json.dumps(report, indent=2))
+    print(render(report))
+
+
+def render(report: dict[str, Any]) -> str:
+    lat, ovh = report["latency_bound"], report["overhead_bound"]
+    lines = [
+        "scenario        items  items/s  figure                                    target",
+        f"latency-bound   {lat['items']:>5}  {lat['items_per_s']:>7}  "
+        f"efficiency {lat['efficiency']:<31} >= 0.95",
+        f"overhead-bound  {ovh['items']:>5}  {ovh['items_per_s']:>7}  "
+        f"{ovh['ratio_to_ceiling']} of a bare client "
+        f"({ovh['ceiling_items_per_s']}/s){'':<7} >= 0.5",
+        f"  our CPU {lat['cpu_ms_per_item']} ms/item (latency), {ovh['cpu_ms_per_item']} ms/item (overhead); "
+        f"peak RSS {ovh['peak_rss_mb']} MB",
+        f"  simulator CPU: {lat['sim_cpu_s']} s (latency run), {ovh['sim_cpu_s_ours']} s (ours), "
+        f"{ovh['sim_cpu_s_ceiling']} s (bare client)",
+        f"promptness p99 (URL received -> download start): {lat['download_wait_p99_ms']} ms (latency), "
+        f"{ovh['download_wait_p99_ms']} ms (overhead)",
+        "scale      items  fresh plan s  plan RSS MB  working RSS MB  done rerun s  rerun RSS MB",
+    ]
+    for row in report["scale"]:
+        lines.append(
+            f"        {row['items']:>8}  {row['fresh_plan_s']:>12}  {row['fresh_plan_rss_mb']:>11}  "
+            f"{row['working_run_rss_mb']:>14}  {row['done_rerun_s']:>12}  {row['done_rerun_rss_mb']:>12}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
