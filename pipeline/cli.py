@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from pipeline.errors import ManifestError, OutputLockedError
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.manifest import Manifest, json_schema, load_manifest
 from pipeline.plan import TYPICAL_LATENCY_S, preview
 from pipeline.runner import Event, Runner, RunOptions, Summary
 from pipeline.secret import Secret
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a manifest; no request is made")
     validate.add_argument("manifest", type=Path)
     validate.set_defaults(command=_validate)
+
+    schema = commands.add_parser("schema", help="print the manifest's JSON Schema")
+    schema.set_defaults(command=lambda args: print(json.dumps(json_schema(), indent=2)) or 0)
 
     sim = commands.add_parser("simulate", help="serve the provider simulator until interrupted")
     sim.add_argument("--host", default="127.0.0.1")

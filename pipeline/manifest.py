@@ -7,8 +7,10 @@ Every problem is found before the first request and reported with its place,
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import sqlite3
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +28,13 @@ from pydantic import (
 )
 
 from pipeline.errors import ManifestError
+from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE
 from pipeline.sources import SourceRow, read_rows
 
-# The provider's ten presets and the pixel size each produces (provider contract, section 1).
-ASPECT_RATIOS: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "2:3": (832, 1248),
-    "3:2": (1248, 832),
-    "3:4": (864, 1184),
-    "4:3": (1184, 864),
-    "4:5": (896, 1152),
-    "5:4": (1152, 896),
-    "9:16": (768, 1344),
-    "16:9": (1344, 768),
-    "21:9": (1536, 672),
-}
 AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
 
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+MatrixValues = Annotated[list[str | int | float], Field(min_length=1)]
 MAX_MANIFEST_BYTES = 5_000_000
 MAX_DEPTH = 20
 MAX_PROBLEMS = 50
@@ -78,10 +68,12 @@ class Defaults(_Strict):
 
 
 class Job(_Strict):
-    """One prompt (`prompt`), or one per row of a file (`prompts_file`); `count` images of each."""
+    """One prompt (`prompt`), one per combination of a `matrix`, or one per row of a file
+    (`prompts_file`); `count` images of each."""
 
-    id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._{}-]{1,100}$")] | None = None
     prompt: Annotated[str, Field(min_length=1, max_length=32_000)] | None = None
+    matrix: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], MatrixValues] | None = None
     prompts_file: Annotated[str, Field(pattern=r"\.(txt|csv|jsonl)$")] | None = None
     id_field: Annotated[str, Field(min_length=1)] | None = None
     prompt_field: Annotated[str, Field(min_length=1)] | None = None
@@ -101,9 +93,34 @@ class Job(_Strict):
             raise ValueError("needs either `prompt` or `prompts_file`, not both")
         if self.prompts_file is None and (self.id_field or self.prompt_field):
             raise ValueError("`id_field` and `prompt_field` go with `prompts_file`")
-        if self.prompts_file is not None and self.id is not None:
+        if self.prompts_file is not None and (self.id is not None or self.matrix is not None):
             raise ValueError("a `prompts_file` job takes its ids from `id_field` (or the prompts), not `id`")
+        names = set(self.matrix or {})
+        for key, template in (("prompt", self.prompt), ("id", self.id)):
+            unknown = placeholders(template or "") - names
+            if unknown:
+                raise ValueError(f"{key} uses {', '.join(sorted(unknown))}, not in `matrix`")
         return self
+
+
+def placeholders(template: str) -> set[str]:
+    """The `{name}` placeholders of a template (`{{` is a literal brace)."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as exc:
+        raise ValueError(f"bad template {template!r}: {exc}") from None
+
+
+def expand_matrix(job: Job) -> Iterator[tuple[str | None, str]]:
+    """(id, prompt) for each combination of the job's matrix; values are slugged in ids."""
+    if not job.matrix:
+        yield job.id, str(job.prompt)
+        return
+    names = list(job.matrix)
+    for values in itertools.product(*(job.matrix[name] for name in names)):
+        words = {name: str(value) for name, value in zip(names, values, strict=True)}
+        slugs = {name: re.sub(r"[^A-Za-z0-9._-]+", "-", word).strip("-") for name, word in words.items()}
+        yield (job.id.format_map(slugs) if job.id else None), str(job.prompt).format_map(words)
 
 
 class Manifest(_Strict):
@@ -187,7 +204,8 @@ def _prompts(
         ratio = job.aspect_ratio or defaults.aspect_ratio
         count = job.count or defaults.count
         if job.prompt is not None:
-            yield f"jobs[{i}]", job.id or derive_id(job.prompt), job.prompt, ratio, count
+            for ident, prompt in expand_matrix(job):
+                yield f"jobs[{i}]", ident or derive_id(prompt), prompt, ratio, count
             continue
         path = manifest._base / str(job.prompts_file)
         for row in read_rows(path, job.id_field, job.prompt_field or "prompt"):
@@ -202,6 +220,16 @@ def _prompts(
                 )
             elif problems is not None:
                 problems.append(f"{path}: {row}")
+
+
+def json_schema() -> dict[str, Any]:
+    """The manifest's JSON Schema, for editors (yaml-language-server) and other tools."""
+    schema = Manifest.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **schema,
+        "title": "imagegen pipeline job manifest",
+    }
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -247,6 +275,9 @@ def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int]) -> int
         seen.execute("BEGIN")
         for place, ident, prompt, _, count in _prompts(manifest, problems):
             total += count
+            if not ID_RE.fullmatch(ident):
+                problems.append(_problem(path, lines, f"{place}.id", f'"{ident}" {ID_RULE}'))
+                continue
             try:
                 seen.execute("INSERT INTO ids VALUES (?, ?)", (ident, place))
             except sqlite3.IntegrityError:
@@ -346,7 +377,7 @@ def _describe(error: Any) -> str:
         hint = " (quote it: YAML reads 16:9 unquoted as a number)" if isinstance(value, int) else ""
         return f"{_show(value)} is not one of {allowed}{hint}"
     if kind == "string_pattern_mismatch" and last == "id":
-        return f"{_show(value)} must be 1-100 characters of A-Z a-z 0-9 . _ -"
+        return f"{_show(value)} {ID_RULE}"
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{message}, got {_show(value)}" if place and not isinstance(value, dict) else message
 

@@ -42,9 +42,10 @@ from pipeline.errors import (
 from pipeline.healthcheck import ping
 from pipeline.limiter import AdaptiveLimiter
 from pipeline.lock import OutputLock
-from pipeline.manifest import ASPECT_RATIOS, Item, Manifest
+from pipeline.manifest import Item, Manifest
 from pipeline.metrics import Histogram
 from pipeline.plan import Step, plan_items
+from pipeline.presets import ASPECT_RATIOS
 from pipeline.secret import Secret
 from pipeline.state import Row, State
 

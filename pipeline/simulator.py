@@ -28,7 +28,7 @@ from urllib.parse import quote
 from aiohttp import web
 from PIL import Image, ImageDraw
 
-from pipeline.manifest import ASPECT_RATIOS
+from pipeline.presets import ASPECT_RATIOS
 
 MODELS = {"gemini-2.5-flash-image", "gemini-2.5-flash-image-preview"}
 

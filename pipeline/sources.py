@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ASPECT_RATIO_NAMES = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
-ID_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+from pipeline.presets import ASPECT_RATIOS, ID_RE, ID_RULE
+
 SUFFIXES = (".txt", ".csv", ".jsonl")
 
 
@@ -73,10 +72,10 @@ def _row(line: int, raw: dict[str, Any], id_field: str | None, prompt_field: str
     if isinstance(ident, int) and not isinstance(ident, bool):
         ident = str(ident)
     if ident is not None and not (isinstance(ident, str) and ID_RE.fullmatch(ident)):
-        return f"{id_field}: {ident!r} must be 1-100 characters of A-Z a-z 0-9 . _ -"
+        return f"{id_field}: {ident!r} {ID_RULE}"
     ratio = raw.get("aspect_ratio")
-    if ratio is not None and ratio not in ASPECT_RATIO_NAMES:
-        return f"aspect_ratio: {ratio!r} is not one of {', '.join(ASPECT_RATIO_NAMES)}"
+    if ratio is not None and ratio not in ASPECT_RATIOS:
+        return f"aspect_ratio: {ratio!r} is not one of {', '.join(ASPECT_RATIOS)}"
     count = raw.get("count")
     if isinstance(count, str) and count.isdigit():
         count = int(count)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import ASPECT_RATIOS
+from pipeline.presets import ASPECT_RATIOS
 from pipeline.simulator import Simulator
 from tests.conftest import assert_dataset_consistent, failures, metadata, run, write_manifest
 

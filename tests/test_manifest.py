@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,55 @@ def test_derived_ids_are_readable_stable_and_safe(prompt: str, expected: str) ->
     ident = derive_id(prompt)
     assert ident.startswith(expected) and ident == derive_id(prompt)
     assert all(c.isalnum() or c in "._-" for c in ident) and len(ident) <= 100
+
+
+MATRIX_JOB = """jobs:
+  - id: "{animal}-{style}"
+    prompt: "A {animal} painted in {style} style"
+    matrix: {animal: [cat, fox, owl], style: [watercolor, pixel art, ukiyo-e]}
+    aspect_ratio: "4:5"
+"""
+
+
+def test_matrix_expands_to_the_cartesian_product(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(MATRIX_JOB)
+    manifest = load_manifest(path)
+    items = list(iter_items(manifest))
+    assert manifest.total_items == 9 == len(items)
+    assert items[1].id == "cat-pixel-art" and items[1].prompt == "A cat painted in pixel art style"
+    assert [i.id for i in items][-3:] == ["owl-watercolor", "owl-pixel-art", "owl-ukiyo-e"]
+    assert {i.aspect_ratio for i in items} == {"4:5"}
+
+
+MATRIX_BAD = {
+    "unknown placeholder in the prompt": (
+        'jobs:\n  - {id: "{a}", prompt: "x {b}", matrix: {a: [1, 2]}}\n', "jobs[0]: prompt uses b, not in `matrix`"),
+    "placeholder without a matrix": ('jobs:\n  - {id: "{a}", prompt: x}\n', "jobs[0]: id uses a, not in `matrix`"),
+    "duplicate expanded ids": (
+        'jobs:\n  - {id: "same", prompt: "x {a}", matrix: {a: [1, 2]}}\n', 'jobs[0].id: "same" is also the id of jobs[0]'),
+    "expanded id too long": (
+        'jobs:\n  - {id: "{a}", prompt: "x {a}", matrix: {a: ["' + "y" * 120 + '"]}}\n', "must be 1-100 characters"),
+    "empty matrix values": ('jobs:\n  - {prompt: "x {a}", matrix: {a: []}}\n', "jobs[0].matrix.a: List should have at least 1 item"),
+    "bad template": ('jobs:\n  - {prompt: "x {a", matrix: {a: [1]}}\n', "bad template"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), MATRIX_BAD.values(), ids=MATRIX_BAD.keys())
+def test_matrix_problems(
+    text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    assert run("validate", path) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_shipped_schema_is_current_and_manifests_point_to_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("schema") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(Path("jobs/manifest.schema.json").read_text())
+    assert {"jobs", "concurrency", "api", "defaults"} <= set(printed["properties"])
+    assert printed["additionalProperties"] is False
+    for manifest in Path("jobs").glob("*.yaml"):
+        assert manifest.read_text().startswith("# yaml-language-server: $schema=manifest.schema.json\n")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.lock import OutputLock
-from pipeline.manifest import ASPECT_RATIOS
+from pipeline.presets import ASPECT_RATIOS
 from pipeline.simulator import Simulator
 from tests.conftest import KEY, assert_dataset_consistent, failures, metadata, run, write_manifest
 
