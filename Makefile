@@ -20,6 +20,7 @@ install: $(STAMP) ## create .venv and install the package with its dev tools
 
 demo: install ## run jobs/demo.yaml on the built-in simulator (no key, no network)
 	$(BIN)/pipeline run jobs/demo.yaml --simulate --sim-latency 0.4
+	@echo "report: $$($(BIN)/pipeline report jobs/demo.yaml)"
 
 test: install ## run the whole test suite
 	$(BIN)/pytest

@@ -17,11 +17,14 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from pipeline.errors import ManifestError, OutputLockedError
+from pipeline.export import export_webdataset
 from pipeline.manifest import Manifest, json_schema, load_manifest
 from pipeline.plan import TYPICAL_LATENCY_S, preview
+from pipeline.report import write_report
 from pipeline.runner import Event, Runner, RunOptions, Summary
 from pipeline.secret import Secret
 from pipeline.simulator import SimConfig, Simulator
+from pipeline.state import State
 
 EXIT_USAGE, EXIT_LOCKED = 2, 75
 LOG_EVERY_S = 5.0
@@ -62,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a manifest; no request is made")
     validate.add_argument("manifest", type=Path)
     validate.set_defaults(command=_validate)
+
+    status = commands.add_parser("status", help="what an output folder holds, and its last run")
+    status.add_argument("target", type=Path, metavar="OUTPUT|MANIFEST")
+    status.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    status.set_defaults(command=_status)
+
+    export = commands.add_parser("export", help="write an output folder as WebDataset tar shards")
+    export.add_argument("target", type=Path, metavar="OUTPUT|MANIFEST")
+    export.add_argument("--format", choices=("webdataset",), default="webdataset")
+    export.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
+    export.add_argument("--to", type=Path, help="destination folder (default: OUTPUT/webdataset)")
+    export.set_defaults(command=_export)
+
+    report = commands.add_parser("report", help="write OUTPUT/report.html, a page to review the images")
+    report.add_argument("target", type=Path, metavar="OUTPUT|MANIFEST")
+    report.set_defaults(command=lambda args: print(write_report(_output_of(args.target))) or 0)
 
     schema = commands.add_parser("schema", help="print the manifest's JSON Schema")
     schema.set_defaults(command=lambda args: print(json.dumps(json_schema(), indent=2)) or 0)
@@ -143,6 +162,46 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _output_of(target: Path) -> Path:
+    """An output folder given as itself, or as the manifest that names it."""
+    if target.is_file():
+        return load_manifest(target).output_dir(target)
+    if not (target / "state.db").is_file():
+        raise ManifestError([f"{target}: no state.db here: not an output folder, or it never ran"])
+    return target
+
+
+def _status(args: argparse.Namespace) -> int:
+    output = _output_of(args.target)
+    state = State(output / "state.db", readonly=True)
+    try:
+        counts, last = state.counts(), state.last_run()
+    finally:
+        state.close()
+    if args.json:
+        print(json.dumps({"output": str(output), **counts, "last_run": last}))
+        return 0
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["failed_by_reason"].items()))
+    print(f"{output}: {counts['items']} items recorded")
+    print(f"  done {counts['done']}, failed {counts['failed']}{f' ({reasons})' if reasons else ''},"
+          f" in progress {counts['in_progress']}")  # fmt: skip
+    if last:
+        ended = (
+            f"ended {last['ended_at']}, exit {last['exit_code']}"
+            if last["ended_at"]
+            else "still running or killed"
+        )
+        print(f"last run #{last['run']}: started {last['started_at']}, {ended}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    output = _output_of(args.target)
+    shards = export_webdataset(output, args.to or output / "webdataset", args.shard_size)
+    print(f"{len(shards)} shard(s) of up to {args.shard_size} samples in {args.to or output / 'webdataset'}")
+    return 0
 
 
 def _provider(source: Path, manifest: Manifest) -> tuple[str, Secret]:

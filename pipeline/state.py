@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,32 @@ class State:
                 "message": message, "attempts": attempts,
             }  # fmt: skip
 
+    def counts(self) -> dict[str, Any]:
+        """Items by status (and failed items by reason), for `pipeline status`."""
+        by_status = dict(self._db.execute("SELECT status, count(*) FROM items GROUP BY status"))
+        reasons = dict(
+            self._db.execute("SELECT error_type, count(*) FROM items WHERE status = 'failed' GROUP BY 1")
+        )
+        return {
+            "items": sum(by_status.values()),
+            "done": by_status.get("done", 0),
+            "failed": by_status.get("failed", 0),
+            "in_progress": by_status.get("url", 0) + by_status.get("pending", 0),
+            "failed_by_reason": reasons,
+        }
+
+    def last_run(self) -> dict[str, Any] | None:
+        found = self._db.execute(
+            "SELECT run, started_at, ended_at, exit_code, summary FROM runs ORDER BY run DESC LIMIT 1"
+        ).fetchone()
+        if not found:
+            return None
+        run, started, ended, code, summary = found
+        return {
+            "run": run, "started_at": _iso(started), "ended_at": _iso(ended), "exit_code": code,
+            "summary": json.loads(summary) if summary else None,
+        }  # fmt: skip
+
     def start_run(self) -> int:
         cursor = self._db.execute("INSERT INTO runs (started_at) VALUES (?)", (time.time(),))
         return int(cursor.lastrowid or 0)
@@ -162,3 +189,7 @@ class State:
             "UPDATE runs SET ended_at = ?, exit_code = ?, summary = ? WHERE run = ?",
             (time.time(), exit_code, json.dumps(summary), run),
         )
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
