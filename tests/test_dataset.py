@@ -75,7 +75,7 @@ def test_report_in_a_real_browser(output: Path) -> None:
     mtimes = [t.stat().st_mtime_ns for t in thumbs]
     assert run("report", output) == 0
     assert [t.stat().st_mtime_ns for t in thumbs] == mtimes  # made once, then cached
-    seen = asyncio.run(_inspect(page, output.parent / "chrome"))
+    seen = _inspect(page, output.parent / "chrome")
     assert seen["images"] == 3 and seen["loaded"] == 3
     assert seen["failures"] == 1 and "refusal" in seen["failure_text"]
     assert seen["after_filter"] == 2  # job filter "cat" leaves its two images
@@ -83,7 +83,8 @@ def test_report_in_a_real_browser(output: Path) -> None:
     assert ImageStat.Stat(shot).stddev[0] > 10  # not blank
 
 
-async def _inspect(page: Path, profile: Path) -> dict[str, Any]:
+def _inspect(page: Path, profile: Path) -> dict[str, Any]:
+    """Open the page in headless Chromium and read what a person would see, through DevTools."""
     browser = subprocess.Popen(
         [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -94,40 +95,44 @@ async def _inspect(page: Path, profile: Path) -> dict[str, Any]:
         port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
         while not port_file.exists() or not port_file.read_text().strip():
             assert time.monotonic() < deadline, "Chromium did not start"
-            await asyncio.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                target = next(t for t in await resp.json() if t["type"] == "page")
-            async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                cdp = _Cdp(ws)
-                await cdp.call("Page.navigate", url=page.as_uri())
-                while (
-                    await cdp.evaluate("location.href + ' ' + document.readyState")
-                    != f"{page.as_uri()} complete"
-                ):
-                    assert time.monotonic() < deadline + 30, "the report did not load"
-                    await asyncio.sleep(0.05)
-                loaded = "[...document.querySelectorAll('.grid img')].filter(i => i.complete && i.naturalWidth > 0)"
-                await cdp.evaluate(  # every thumbnail loaded, or give up after 10 s
-                    "new Promise(r => { const t0 = Date.now(); (function poll() {"
-                    f" {loaded}.length === document.querySelectorAll('.grid img').length || Date.now() - t0 > 10000"
-                    " ? r() : setTimeout(poll, 50); })(); })"
-                )
-                return {
-                    "images": await cdp.evaluate("document.querySelectorAll('.grid img').length"),
-                    "loaded": await cdp.evaluate(f"{loaded}.length"),
-                    "failures": await cdp.evaluate("document.querySelectorAll('tbody tr[data-job]').length"),
-                    "failure_text": await cdp.evaluate("document.querySelector('tbody').innerText"),
-                    "screenshot": base64.b64decode((await cdp.call("Page.captureScreenshot"))["data"]),
-                    "after_filter": await cdp.evaluate(
-                        "job.value = 'cat'; job.dispatchEvent(new Event('change'));"
-                        "document.querySelectorAll('.grid figure:not(.hidden)').length"
-                    ),
-                }
+            time.sleep(0.1)
+        return asyncio.run(_look(page, port_file.read_text().split()[0], deadline))
     finally:
         browser.kill()
         browser.wait(10)
+
+
+async def _look(page: Path, port: str, deadline: float) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            target = next(t for t in await resp.json() if t["type"] == "page")
+        async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            cdp = _Cdp(ws)
+            await cdp.call("Page.navigate", url=page.as_uri())
+            while (
+                await cdp.evaluate("location.href + ' ' + document.readyState") != f"{page.as_uri()} complete"
+            ):
+                assert time.monotonic() < deadline + 30, "the report did not load"
+                await asyncio.sleep(0.05)
+            loaded = (
+                "[...document.querySelectorAll('.grid img')].filter(i => i.complete && i.naturalWidth > 0)"
+            )
+            await cdp.evaluate(  # every thumbnail loaded, or give up after 10 s
+                "new Promise(r => { const t0 = Date.now(); (function poll() {"
+                f" {loaded}.length === document.querySelectorAll('.grid img').length || Date.now() - t0 > 10000"
+                " ? r() : setTimeout(poll, 50); })(); })"
+            )
+            return {
+                "images": await cdp.evaluate("document.querySelectorAll('.grid img').length"),
+                "loaded": await cdp.evaluate(f"{loaded}.length"),
+                "failures": await cdp.evaluate("document.querySelectorAll('tbody tr[data-job]').length"),
+                "failure_text": await cdp.evaluate("document.querySelector('tbody').innerText"),
+                "screenshot": base64.b64decode((await cdp.call("Page.captureScreenshot"))["data"]),
+                "after_filter": await cdp.evaluate(
+                    "job.value = 'cat'; job.dispatchEvent(new Event('change'));"
+                    "document.querySelectorAll('.grid figure:not(.hidden)').length"
+                ),
+            }
 
 
 class _Cdp:
