@@ -6,6 +6,10 @@ the `Authorization` header of requests to `base_url`; redirects from the API are
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import mimetypes
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,16 +23,29 @@ from pipeline.sse import assemble_stream
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 
-def request_body(item: Item, stream: bool = False) -> dict[str, Any]:
-    """The body of provider contract section 1, `extra_body` as a literal top-level key."""
-    body: dict[str, Any] = {
-        "model": item.model,
-        "messages": [{"role": "user", "content": item.prompt}],
-        "extra_body": {"google": {"image_config": {"aspect_ratio": item.aspect_ratio}}},
-    }
+def request_body(item: Item, stream: bool = False, image_urls: list[str] | None = None) -> dict[str, Any]:
+    """The body of provider contract section 1, `extra_body` as a literal top-level key.
+
+    Reference images go as OpenAI-style content parts after the text; without an aspect ratio
+    (an edit that keeps its input's size) there is no `image_config`.
+    """
+    content: str | list[dict[str, Any]] = item.prompt
+    if image_urls:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+        content = [{"type": "text", "text": item.prompt}, *parts]
+    body: dict[str, Any] = {"model": item.model, "messages": [{"role": "user", "content": content}]}
+    if item.aspect_ratio:
+        body["extra_body"] = {"google": {"image_config": {"aspect_ratio": item.aspect_ratio}}}
     if stream:
         body["stream"] = True
     return body
+
+
+def reference_data_uri(path: str) -> str:
+    """A local reference image as a data: URI."""
+    data = Path(path).read_bytes()
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 class Client:
@@ -44,6 +61,7 @@ class Client:
     ) -> None:
         self._session = session
         self._stream = stream
+        self._references: dict[str, str] = {}
         self._url = f"{base_url.rstrip('/')}/chat/completions"
         self._key = key
         self._timeout = aiohttp.ClientTimeout(
@@ -53,10 +71,11 @@ class Client:
     async def generate(self, item: Item) -> list[str]:
         """The image references of one generation, or raise the ItemError the reply amounts to."""
         headers = {"Authorization": f"Bearer {self._key.reveal()}"}
+        urls = [await self._reference(ref) for ref in item.images]
         try:
             async with self._session.post(
                 self._url,
-                json=request_body(item, self._stream),
+                json=request_body(item, self._stream, urls),
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -74,6 +93,14 @@ class Client:
             outcome.args = (outcome.message,)
             raise outcome
         return outcome
+
+    async def _reference(self, ref: str) -> str:
+        """An image reference as sent: a URL as is, a file as a data: URI read once per run."""
+        if ref.startswith(("http://", "https://")):
+            return ref
+        if ref not in self._references:
+            self._references[ref] = await asyncio.to_thread(reference_data_uri, ref)
+        return self._references[ref]
 
     def _classify(self, status: int, headers: dict[str, str], body: bytes) -> list[str] | ItemError:
         if not (status == 200 and "text/event-stream" in headers.get("content-type", "")):

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.download import file_digest, inspect_image
 from pipeline.errors import ManifestError
 from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE
 from pipeline.sources import SourceRow, read_rows
@@ -35,9 +36,11 @@ AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "
 assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
 
 MatrixValues = Annotated[list[str | int | float], Field(min_length=1)]
+Reference = Annotated[str, Field(min_length=1)]  # a reference image: a path or an http(s) URL
 MAX_MANIFEST_BYTES = 5_000_000
 MAX_DEPTH = 20
 MAX_PROBLEMS = 50
+MAX_REFERENCE_BYTES = 20_000_000
 SECRET_KEYS = {"api_key", "key", "token", "apikey", "authorization", "secret"}
 
 
@@ -74,6 +77,7 @@ class Job(_Strict):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._{}-]{1,100}$")] | None = None
     prompt: Annotated[str, Field(min_length=1, max_length=32_000)] | None = None
     matrix: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], MatrixValues] | None = None
+    images: Annotated[list[Reference], Field(min_length=1, max_length=16)] | None = None
     prompts_file: Annotated[str, Field(pattern=r"\.(txt|csv|jsonl)$")] | None = None
     id_field: Annotated[str, Field(min_length=1)] | None = None
     prompt_field: Annotated[str, Field(min_length=1)] | None = None
@@ -93,6 +97,8 @@ class Job(_Strict):
             raise ValueError("needs either `prompt` or `prompts_file`, not both")
         if self.prompts_file is None and (self.id_field or self.prompt_field):
             raise ValueError("`id_field` and `prompt_field` go with `prompts_file`")
+        if self.prompts_file is not None and self.images is not None:
+            raise ValueError("`images` go with `prompt` jobs, not `prompts_file`")
         if self.prompts_file is not None and (self.id is not None or self.matrix is not None):
             raise ValueError("a `prompts_file` job takes its ids from `id_field` (or the prompts), not `id`")
         names = set(self.matrix or {})
@@ -142,6 +148,7 @@ class Manifest(_Strict):
     jobs: Annotated[list[Job], Field(min_length=1)]
     _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest
     _total: int = PrivateAttr(default=0)  # items, counted by the validation pass
+    _image_hashes: dict[str, str] = PrivateAttr(default_factory=dict)  # reference file -> sha256
 
     @property
     def total_items(self) -> int:
@@ -165,17 +172,20 @@ class Item:
     id: str
     index: int
     prompt: str
-    aspect_ratio: str
+    aspect_ratio: str | None  # None: an edit that keeps its input image's size
     model: str
     fingerprint: str
+    images: tuple[str, ...] = ()  # reference images: absolute file paths or http(s) URLs
 
     @property
     def name(self) -> str:
         return f"{self.id}_{self.index}"
 
 
-def item_fingerprint(prompt: str, aspect_ratio: str, model: str) -> str:
-    return hashlib.sha256(f"{model}\x1f{aspect_ratio}\x1f{prompt}".encode()).hexdigest()[:20]
+def item_fingerprint(prompt: str, aspect_ratio: str | None, model: str, inputs: tuple[str, ...] = ()) -> str:
+    """`inputs`: what identifies each reference image (a file's sha256, or its URL)."""
+    text = "\x1f".join((model, aspect_ratio or "", prompt, *inputs))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def derive_id(prompt: str) -> str:
@@ -188,36 +198,36 @@ def derive_id(prompt: str) -> str:
 def iter_items(manifest: Manifest) -> Iterator[Item]:
     """Every item of the manifest, in manifest order, one at a time (prompt files read lazily)."""
     model = manifest.api.model
-    for _, ident, prompt, ratio, count in _prompts(manifest):
-        fingerprint = item_fingerprint(prompt, ratio, model)
+    for _, ident, prompt, ratio, count, images in _prompts(manifest):
+        inputs = tuple(manifest._image_hashes.get(ref, ref) for ref in images)
+        fingerprint = item_fingerprint(prompt, ratio, model, inputs)
         for index in range(count):
-            yield Item(ident, index, prompt, ratio, model, fingerprint)
+            yield Item(ident, index, prompt, ratio, model, fingerprint, images)
 
 
 def _prompts(
     manifest: Manifest, problems: list[str] | None = None
-) -> Iterator[tuple[str, str, str, str, int]]:
-    """(place, id, prompt, aspect ratio, count) of every prompt; rows with problems are skipped
-    (and described in `problems` when given)."""
+) -> Iterator[tuple[str, str, str, str | None, int, tuple[str, ...]]]:
+    """(place, id, prompt, aspect ratio, count, reference images) of every prompt; rows with
+    problems are skipped (and described in `problems` when given)."""
     defaults = manifest.defaults
+    default_ratio_set = "aspect_ratio" in defaults.model_fields_set
     for i, job in enumerate(manifest.jobs):
-        ratio = job.aspect_ratio or defaults.aspect_ratio
+        images = tuple(_reference(manifest._base, ref) for ref in job.images or ())
+        # Without an aspect ratio of its own, an edit keeps its input's size (provider contract).
+        keep_size = images and not default_ratio_set
+        ratio = job.aspect_ratio or (None if keep_size else defaults.aspect_ratio)
         count = job.count or defaults.count
         if job.prompt is not None:
             for ident, prompt in expand_matrix(job):
-                yield f"jobs[{i}]", ident or derive_id(prompt), prompt, ratio, count
+                yield f"jobs[{i}]", ident or derive_id(prompt), prompt, ratio, count, images
             continue
         path = manifest._base / str(job.prompts_file)
         for row in read_rows(path, job.id_field, job.prompt_field or "prompt"):
             if isinstance(row, SourceRow):
                 ident = row.id or derive_id(row.prompt)
-                yield (
-                    f"{path}: line {row.line}",
-                    ident,
-                    row.prompt,
-                    row.aspect_ratio or ratio,
-                    row.count or count,
-                )
+                place = f"{path}: line {row.line}"
+                yield place, ident, row.prompt, row.aspect_ratio or ratio, row.count or count, ()
             elif problems is not None:
                 problems.append(f"{path}: {row}")
 
@@ -255,10 +265,43 @@ def load_manifest(path: Path) -> Manifest:
         for i, job in enumerate(manifest.jobs)
         if job.prompts_file and not (path.parent / job.prompts_file).is_file()
     ]
+    missing += _check_images(manifest, path, lines)
     if missing:
         raise ManifestError(missing)
     manifest._total = _check_prompts(manifest, path, lines)
     return manifest
+
+
+def _reference(base: Path, ref: str) -> str:
+    """A reference image as used: an http(s) URL as is, a file as an absolute path."""
+    return ref if ref.startswith(("http://", "https://")) else str((base / ref).resolve())
+
+
+def _check_images(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
+    """Reference files exist, are small enough and decode; their sha256 goes into item keys."""
+    problems = []
+    for i, job in enumerate(manifest.jobs):
+        for k, ref in enumerate(job.images or ()):
+            place = f"jobs[{i}].images[{k}]"
+            resolved = _reference(manifest._base, ref)
+            if resolved.startswith("http") or resolved in manifest._image_hashes:
+                continue
+            try:
+                manifest._image_hashes[resolved] = check_reference_image(Path(resolved))
+            except ValueError as exc:
+                problems.append(_problem(path, lines, place, str(exc)))
+    return problems
+
+
+def check_reference_image(path: Path) -> str:
+    """The sha256 of a usable reference image file, or ValueError saying why it is not."""
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    size = path.stat().st_size
+    if size > MAX_REFERENCE_BYTES:
+        raise ValueError(f"{size} bytes is over the {MAX_REFERENCE_BYTES} byte limit for a reference image")
+    inspect_image(path)
+    return file_digest(path)[0]
 
 
 def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int]) -> int:
@@ -273,7 +316,7 @@ def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int]) -> int
     try:
         seen.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT) WITHOUT ROWID")
         seen.execute("BEGIN")
-        for place, ident, prompt, _, count in _prompts(manifest, problems):
+        for place, ident, prompt, _, count, _ in _prompts(manifest, problems):
             total += count
             if not ID_RE.fullmatch(ident):
                 problems.append(_problem(path, lines, f"{place}.id", f'"{ident}" {ID_RULE}'))

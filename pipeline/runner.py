@@ -395,21 +395,18 @@ class Runner:
 
     async def _finish(self, item: Item, stored: StoredImage, old_file: str | None) -> None:
         """Record the image; report it only once that record is durable."""
-        mismatch = ASPECT_RATIOS[item.aspect_ratio] != (stored.width, stored.height)
+        expected = ASPECT_RATIOS.get(item.aspect_ratio or "")  # None: an edit keeps its input's size
+        mismatch = expected is not None and expected != (stored.width, stored.height)
         self._state.record_done(item, _metadata(item, stored, mismatch))
         await self._durable()
         self._repeated = ("", 0)
         if old_file and old_file != stored.file:
             (self.output / old_file).unlink(missing_ok=True)  # the image this one replaces
         self.summary.done += 1
-        if mismatch:
+        if mismatch and expected:
             self.summary.warnings += 1
-            expected = "x".join(map(str, ASPECT_RATIOS[item.aspect_ratio]))
-            self._emit(
-                "warning",
-                item,
-                f"got {stored.width}x{stored.height}, asked {item.aspect_ratio} ({expected})",
-            )
+            wanted = f"{item.aspect_ratio} ({expected[0]}x{expected[1]})"
+            self._emit("warning", item, f"got {stored.width}x{stored.height}, asked {wanted}")
         self._emit("done", item, stored.file)
 
     def _fail(self, item: Item, exc: ItemError, attempts: int) -> None:

@@ -28,6 +28,7 @@ from urllib.parse import quote
 from aiohttp import web
 from PIL import Image, ImageDraw
 
+from pipeline.extract import decode_data_uri
 from pipeline.presets import ASPECT_RATIOS
 
 MODELS = {"gemini-2.5-flash-image", "gemini-2.5-flash-image-preview"}
@@ -82,6 +83,7 @@ class SimStats:
     prompts: Counter[str] = field(default_factory=Counter)  # generations per prompt
     request_times: list[float] = field(default_factory=list)
     pings: list[str] = field(default_factory=list)  # healthcheck pings received, by path
+    reference_images: list[str] = field(default_factory=list)  # sha256 of each input image received
 
 
 class Simulator:
@@ -156,7 +158,7 @@ class Simulator:
             )
         try:
             body = await request.json()
-            prompt, ratio = _parse_request(body)
+            prompt, ratio, inputs = _parse_request(body)
         except ValueError as exc:
             echo = f" (sent with {request.headers['Authorization']})" if c.echo_auth else ""
             return _error(400, f"{exc}{echo}", "invalid_request_error", None)
@@ -191,7 +193,9 @@ class Simulator:
         self.stats.prompts[prompt] += 1
         token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
         expires = time.time() - 1 if fault == "expired" else None
-        return await _send(request, self._image_reply(ratio, token, expires), stream)
+        self.stats.reference_images += [hashlib.sha256(data).hexdigest() for data in inputs]
+        size = self._size(ratio) if ratio or not inputs else _image_size(inputs[0])
+        return await _send(request, self._image_reply(size, token, expires), stream)
 
     async def _healthcheck(self, request: web.Request) -> web.Response:
         self.stats.pings.append(request.match_info["check"])
@@ -217,12 +221,12 @@ class Simulator:
             roll -= rate
         return None
 
-    def _image_reply(self, ratio: str, token: str, expires: float | None) -> list[dict[str, Any]]:
+    def _image_reply(self, size: tuple[int, int], token: str, expires: float | None) -> list[dict[str, Any]]:
         """The chunks of a successful reply in the configured shape (one chunk unless streaming)."""
-        width, height = self._size(ratio)
+        width, height = size
         shape = self.config.shape
         if shape in ("markdown", "images", "redirect"):
-            url = self.image_url(ratio, token, expires)
+            url = self.image_url(size, token, expires)
         else:
             url = "data:image/png;base64," + base64.b64encode(render_png(width, height, token)).decode()
         raw = url.partition(",")[2]
@@ -269,17 +273,18 @@ class Simulator:
 
     # The image host
 
-    def image_url(self, ratio: str, token: str, expires: float | None = None) -> str:
-        """A signed URL on the image host; in `redirect` shape it answers 302 to another origin."""
-        width, height = self._size(ratio)
+    def image_url(self, size: str | tuple[int, int], token: str, expires: float | None = None) -> str:
+        """A signed URL on the image host, for an aspect ratio or a size; in `redirect` shape it
+        answers 302 to another origin."""
+        width, height = self._size(size) if isinstance(size, str) else size
         path = f"/img/{width}x{height}/{token}.png"
         exp = int(expires if expires is not None else time.time() + self.config.url_ttl_s)
         signature = quote(self._sign(path, exp), safe="")
         via = "/r" if self.config.shape == "redirect" else ""
         return f"{self.image_origin}{via}{path}?Expires={exp}&Signature={signature}"
 
-    def _size(self, ratio: str) -> tuple[int, int]:
-        width, height = ASPECT_RATIOS["1:1" if self.config.ignore_aspect_ratio else ratio]
+    def _size(self, ratio: str | None) -> tuple[int, int]:
+        width, height = ASPECT_RATIOS["1:1" if self.config.ignore_aspect_ratio or not ratio else ratio]
         return width // self.config.image_scale, height // self.config.image_scale
 
     async def _redirect(self, request: web.Request) -> web.Response:
@@ -327,8 +332,9 @@ class Simulator:
         return web.Response(body=png, content_type="image/png")
 
 
-def _parse_request(body: Any) -> tuple[str, str]:
-    """(prompt, aspect ratio) of a request body, or ValueError saying what a gateway would."""
+def _parse_request(body: Any) -> tuple[str, str | None, list[bytes]]:
+    """(prompt, aspect ratio, input images) of a request body, or ValueError saying what a
+    gateway would."""
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
     if body.get("model") not in MODELS:
@@ -337,17 +343,31 @@ def _parse_request(body: Any) -> tuple[str, str]:
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
         raise ValueError("messages must be a non-empty list")
     content = messages[-1].get("content")
+    inputs = []
     if isinstance(content, list):
-        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts = [p for p in content if isinstance(p, dict)]
+        for part in parts:
+            url = (part.get("image_url") or {}).get("url", "") if part.get("type") == "image_url" else ""
+            if url.startswith("data:"):
+                inputs.append(decode_data_uri(url))
+        content = " ".join(p.get("text", "") for p in parts)
     if not isinstance(content, str) or not content.strip():
         raise ValueError("the user message has no text")
     google = (body.get("extra_body") or {}).get("google") or {}
     if "imageConfig" in google:
         raise ValueError("unknown field imageConfig: use image_config")
-    ratio = (google.get("image_config") or {}).get("aspect_ratio", "1:1")
-    if ratio not in ASPECT_RATIOS:
+    ratio = (google.get("image_config") or {}).get("aspect_ratio")
+    if ratio is not None and ratio not in ASPECT_RATIOS:
         raise ValueError(f"invalid aspect_ratio {ratio!r}")
-    return content, ratio
+    return content, ratio, inputs
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except OSError as exc:
+        raise ValueError("an input image does not decode") from exc
 
 
 def _completion(
