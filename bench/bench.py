@@ -27,7 +27,7 @@ from pipeline.simulator import render_png
 from pipeline.state import State
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "output" / "bench"
+DEFAULT_OUT = ROOT / "output" / "bench"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,20 +53,33 @@ class SimProcess:
 def measured(*args: str | Path, base_url: str) -> dict[str, Any]:
     """Run the CLI: its last JSON line, wall time, and its own CPU time and peak RSS (wait4)."""
     env = {**os.environ, "IMAGE_API_BASE_URL": base_url, "IMAGE_API_KEY": "bench"}
-    command = [sys.executable, "-m", "pipeline", *map(str, args), "--quiet", "--log-format", "json"]
+    command = [sys.executable, "-c", PEAK_RSS, *map(str, args), "--quiet", "--log-format", "json"]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
-    assert process.stdout is not None
-    out = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = process.communicate()
+    wall = time.perf_counter() - started
+    peak_kb = int(re.findall(rb"VmHWM (\d+)", err)[-1])
     return {
         "result": json.loads(out.decode().strip().splitlines()[-1]),
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall,
         "exit": process.returncode,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "cpu_s": float(re.findall(rb"CPU ([\d.]+)", err)[-1]),
+        "rss_mb": round(peak_kb / 1024, 1),
     }
+
+
+# The CLI, reporting its own peak RSS and CPU as it exits. (A child's ru_maxrss from wait4 would
+# include the bench's own memory, inherited at fork; VmHWM counts only the CLI's process image.)
+PEAK_RSS = """
+import atexit, os, sys
+from pipeline.cli import main
+def report():
+    hwm = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+    t = os.times()
+    print(f"VmHWM {hwm}", f"CPU {t.user + t.system:.3f}", file=sys.stderr)
+atexit.register(report)
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def manifest(folder: Path, items: int, concurrency: int, **top: Any) -> Path:
@@ -106,11 +119,11 @@ async def bare_client(base_url: str, items: int, concurrency: int) -> float:
         return items / (time.perf_counter() - started)
 
 
-def latency_bound(items: int) -> dict[str, Any]:
+def latency_bound(items: int, out: Path) -> dict[str, Any]:
     concurrency, latency = 64, 0.5
     sim = SimProcess("--latency", str(latency), "--jitter", "0.1", "--distinct-images", "64")
     try:
-        folder = _fresh(OUT / "latency")
+        folder = _fresh(out / "latency")
         sim_cpu = sim.cpu_s()
         run = measured("run", manifest(folder, items, concurrency), base_url=sim.base_url)
         sim_cpu = sim.cpu_s() - sim_cpu
@@ -125,11 +138,11 @@ def latency_bound(items: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def overhead_bound(items: int) -> dict[str, Any]:
+def overhead_bound(items: int, out: Path) -> dict[str, Any]:
     concurrency = 64
     sim = SimProcess("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
     try:
-        folder = _fresh(OUT / "overhead")
+        folder = _fresh(out / "overhead")
         sim_cpu = sim.cpu_s()
         run = measured("run", manifest(folder, items, concurrency), base_url=sim.base_url)
         ours_sim_cpu, sim_cpu = sim.cpu_s() - sim_cpu, sim.cpu_s()
@@ -147,12 +160,12 @@ def overhead_bound(items: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def scale(sizes: list[int]) -> list[dict[str, Any]]:
+def scale(sizes: list[int], out: Path) -> list[dict[str, Any]]:
     rows = []
     sim = SimProcess("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
     try:
         for items in sizes:
-            folder = _fresh(OUT / f"scale-{items}")
+            folder = _fresh(out / f"scale-{items}")
             path = manifest(folder, items, 64)
             plan = measured("run", path, "--dry-run", base_url=sim.base_url)
             working = measured("run", path, "--max-duration", "3", base_url=sim.base_url)
@@ -199,16 +212,24 @@ def _fresh(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--only", help="comma-separated scenarios (default: all, into latest.json)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="working folder (default: output/bench)"
+    )
     args = parser.parse_args()
     sizes = ([200], [300], [1_000, 5_000]) if args.quick else ([3_000], [5_000], [10_000, 100_000, 1_000_000])
     report: dict[str, Any] = {}
     for name, scenario, size in (("latency_bound", latency_bound, sizes[0][0]),
                                  ("overhead_bound", overhead_bound, sizes[1][0]),
                                  ("scale", scale, sizes[2])):  # fmt: skip
-        report[name] = scenario(size)  # type: ignore[operator]
+        if args.only and name not in args.only.split(","):
+            continue
+        report[name] = scenario(size, args.out)  # type: ignore[operator]
         print(f"{name}: {json.dumps(report[name])}", flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "latest.json").write_text(json.dumps(report, indent=2))
+    if args.only:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(report, indent=2))
     print(render(report))
 
 

@@ -160,8 +160,10 @@ class Manifest(_Strict):
         return Path(self.output) if self.output else Path("output") / (self.name or source.stem)
 
     @property
-    def downloads_in_flight(self) -> int:
-        return self.download_concurrency or 2 * self.concurrency
+    def items_in_flight(self) -> int:
+        """Items being generated or downloaded at once: the downloads allowed in flight, and never
+        fewer than `concurrency`."""
+        return max(self.download_concurrency or 2 * self.concurrency, self.concurrency)
 
 
 @dataclass(frozen=True, slots=True)

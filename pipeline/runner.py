@@ -1,10 +1,12 @@
 """The run: plan each item, generate, download, record; never pay twice for an image.
 
 Items stream from the manifest one at a time; a slot is taken before an item's task is created, so a
-million-item manifest is never a million tasks. Generation requests are bounded by the adaptive
-limiter, downloads by their own semaphore, so a download never holds a generation slot and starts as
-soon as its URL arrives. Each item's life is one coroutine; a failure is recorded, never raised.
-The core never prints: it reports through `on_event` and the returned `Summary`.
+million-item manifest is never a million tasks. There are as many slots as downloads may be in
+flight, and generation requests are further bounded by the adaptive limiter: a download never holds
+a generation slot and, since its item already holds a slot, starts the moment its URL arrives (URLs
+expire: when downloads are slow, it is generation that waits, never a paid URL). Each item's life
+is one coroutine; a failure is recorded, never raised. The core never prints: it reports through
+`on_event` and the returned `Summary`.
 """
 
 from __future__ import annotations
@@ -135,7 +137,6 @@ class Runner:
         self._limiter = AdaptiveLimiter(manifest.concurrency, manifest.backoff_base_s, manifest.backoff_cap_s)
         rpm = manifest.requests_per_minute
         self._rate = AsyncLimiter(1, 60.0 / rpm) if rpm else None
-        self._downloads = asyncio.Semaphore(manifest.downloads_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._repeated: tuple[str, int] = ("", 0)  # the last permanent error, and items in a row
@@ -189,7 +190,7 @@ class Runner:
             task.cancel()
 
     async def _run_all(self) -> None:
-        limit = self.manifest.concurrency + self.manifest.downloads_in_flight
+        limit = self.manifest.items_in_flight
         connector = aiohttp.TCPConnector(limit=limit + 4)
         async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
             api = self.manifest.api
@@ -363,10 +364,9 @@ class Runner:
     async def _download(self, item: Item, ref: str, received_at: float) -> StoredImage:
         for tries in range(1, DOWNLOAD_TRIES + 1):
             try:
-                async with self._downloads:
-                    if tries == 1:
-                        self.summary.download_wait.add(time.monotonic() - received_at)
-                    stored = await self._downloader.fetch(ref, item.name)
+                if tries == 1:
+                    self.summary.download_wait.add(time.monotonic() - received_at)
+                stored = await self._downloader.fetch(ref, item.name)
                 self.summary.downloads += 1
                 return stored
             except DownloadError as exc:
