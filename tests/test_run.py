@@ -114,10 +114,7 @@ def test_recorded_fresh_url_is_downloaded_without_a_new_generation(tmp_path: Pat
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "count": 2}])
     assert run("run", manifest) == 0
     out = tmp_path / "out"
-    (out / "images/a_1.png").unlink()  # as if the run died after recording the URL
-    url = sim.image_url("1:1", "00ff00ff00ff00ff")
-    _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now'), image=NULL, file=NULL,"
-              " image_fp=NULL WHERE idx=1", url)  # fmt: skip
+    died_after_recording_the_url(out, 1, sim.image_url("1:1", "00ff00ff00ff00ff"), age_s=0)
     sim.reset(sim.config)
     assert run("run", manifest) == 0
     assert sim.stats.requests == 0 and sim.stats.downloads == 1
@@ -128,10 +125,7 @@ def test_expired_url_leads_to_exactly_one_new_generation(tmp_path: Path, sim: Si
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}])
     assert run("run", manifest) == 0
     out = tmp_path / "out"
-    (out / "images/a_0.png").unlink()
-    url = sim.image_url("1:1", "00ff00ff00ff00ff")
-    _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now') - 7200,"
-              " image=NULL, image_fp=NULL, file=NULL", url)  # fmt: skip
+    died_after_recording_the_url(out, 0, sim.image_url("1:1", "00ff00ff00ff00ff"), age_s=7200)
     sim.reset(sim.config)
     assert run("run", manifest) == 0
     assert sim.stats.generations == 1 and sim.stats.image_requests == 1
@@ -141,10 +135,8 @@ def test_url_expiring_on_the_image_host_goes_back_to_generation(tmp_path: Path, 
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}])
     assert run("run", manifest) == 0
     out = tmp_path / "out"
-    (out / "images/a_0.png").unlink()
     expired = sim.image_url("1:1", "00ff00ff00ff00ff", expires=1)  # the host answers 403
-    _sql(out, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now'), image=NULL, file=NULL,"
-              " image_fp=NULL", expired)  # fmt: skip
+    died_after_recording_the_url(out, 0, expired, age_s=0)
     sim.reset(sim.config)
     assert run("run", manifest) == 0
     assert sim.stats.generations == 1 and sim.stats.image_requests == 2
@@ -218,6 +210,13 @@ def test_images_decode_as_real_pngs(tmp_path: Path, sim: Simulator) -> None:
     assert run("run", manifest) == 0
     with Image.open(tmp_path / "out/images/a_0.png") as image:
         assert image.format == "PNG" and image.size == (1152, 896)
+
+
+def died_after_recording_the_url(output: Path, index: int, url: str, age_s: float) -> None:
+    """The state of a run killed after it recorded item a_<index>'s URL, `age_s` ago."""
+    (output / f"images/a_{index}.png").unlink()
+    _sql(output, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now') - ?, image=NULL,"
+                 " image_fp=NULL, file=NULL WHERE idx=?", url, age_s, index)  # fmt: skip
 
 
 def _sql(output: Path, statement: str, *params: object) -> None:
