@@ -53,6 +53,7 @@ from pipeline.state import Row, State
 
 STORAGE_ERRORS = (StorageError, sqlite3.Error)
 DOWNLOAD_TRIES = 3
+YIELD_EVERY = 256  # planning items that need nothing gives the event loop a turn this often
 SAME_ERROR_STOP = 10  # this many items in a row failing with one permanent error: a configuration problem
 MAX_PAUSE_S = 900.0  # a Retry-After longer than this is honoured as this
 
@@ -216,9 +217,10 @@ class Runner:
 
     async def _feed(self, slots: asyncio.Semaphore) -> None:
         async with asyncio.TaskGroup() as group:
-            for item, row, step in plan_items(
-                self.manifest, self._state, self.output, self.options.retry_failed
-            ):
+            plan = plan_items(self.manifest, self._state, self.output, self.options.retry_failed)
+            for n, (item, row, step) in enumerate(plan):
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # skipping done items must not starve signals and work
                 if self._stopping.is_set():
                     break
                 if step is Step.DONE:
@@ -239,7 +241,10 @@ class Runner:
             await self._written.wait()
             self._written.clear()
             if self._next_commit is not None:  # images were renamed into place: make that durable first
-                await asyncio.to_thread(fsync_path, self.output / "images")
+                try:
+                    await asyncio.to_thread(fsync_path, self.output / "images")
+                except OSError as exc:
+                    self._storage_failed(exc)
             self._commit()
 
     def _commit(self) -> None:
