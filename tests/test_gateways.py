@@ -164,3 +164,12 @@ def test_requests_per_minute_is_a_hard_limit(tmp_path: Path, sim: Simulator) -> 
     # 600 a minute is one every 0.1 s: no 0.5 s window may hold more than 6 (slowness only lowers it)
     assert max(sum(t <= u < t + 0.5 for u in times) for t in times) <= 6
     assert len(metadata(tmp_path / "out")) == 12
+
+
+def test_image_host_5xx_and_undecodable_bodies_are_retried(tmp_path: Path, sim: Simulator) -> None:
+    sim.config.rate_image_error, sim.config.rate_corrupt = 0.2, 0.1
+    manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "count": 20}], **FAST)
+    assert run("run", manifest) == 0
+    assert sim.stats.faults["image_503"] > 0 and sim.stats.faults["corrupt"] > 0
+    assert len(assert_dataset_consistent(tmp_path / "out")) == 20
+    assert sim.stats.generations == 20  # retried on the same URL: no download failure was paid for again
