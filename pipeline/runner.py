@@ -66,7 +66,6 @@ class RunOptions:
     max_requests: int | None = None
     max_duration_s: float | None = None
     grace_s: float = 30.0
-    seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +133,7 @@ class Runner:
         self.options = options
         self.summary = Summary(total=manifest.total_items)
         self._on_event = on_event
-        self._rng = random.Random(options.seed)
+        self._rng = random.Random()
         self._limiter = AdaptiveLimiter(manifest.concurrency, manifest.backoff_base_s, manifest.backoff_cap_s)
         rpm = manifest.requests_per_minute
         self._rate = AsyncLimiter(1, 60.0 / rpm) if rpm else None

@@ -15,8 +15,6 @@ from typing import Any
 
 from pipeline.presets import ASPECT_RATIOS, ID_RE, ID_RULE
 
-SUFFIXES = (".txt", ".csv", ".jsonl")
-
 
 @dataclass(frozen=True, slots=True)
 class SourceRow:

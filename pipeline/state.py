@@ -4,8 +4,7 @@ One row per item `(id, idx)`. `fp` is the fingerprint of the work the row is abo
 metadata of the file on disk (JSON, exactly the metadata.jsonl row) and `image_fp` the fingerprint it
 was made from, so a prompt edit keeps the old image recorded until its replacement lands.
 
-    status  pending  a generation is due (nothing usable recorded)
-            url      generated; `url` (NULL for an inline image) awaits download since `url_at`
+    status  url      generated; `url` (NULL for an inline image) awaits download since `url_at`
             done     `image` is the current image
             failed   `error_type` and `message` say why
 """
@@ -122,9 +121,6 @@ class State:
             error_type=None, message=None,
         )  # fmt: skip
 
-    def record_pending(self, item: Item, attempts: int) -> None:
-        self._upsert(item, status="pending", url=None, url_at=None, attempts=attempts)
-
     def record_done(self, item: Item, metadata: dict[str, Any]) -> None:
         self._upsert(
             item, status="done", url=None, url_at=None, error_type=None, message=None,
@@ -164,7 +160,7 @@ class State:
             "items": sum(by_status.values()),
             "done": by_status.get("done", 0),
             "failed": by_status.get("failed", 0),
-            "in_progress": by_status.get("url", 0) + by_status.get("pending", 0),
+            "in_progress": by_status.get("url", 0),
             "failed_by_reason": reasons,
         }
 

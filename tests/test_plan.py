@@ -36,7 +36,6 @@ CASES = {
     "refused, --retry-failed": (row("failed", error="refusal"), False, True, Step.GENERATE),
     "failed transiently": (row("failed", error="server_error"), False, False, Step.GENERATE),
     "failed, prompt edited": (row("failed", fp=OLD, error="refusal"), False, False, Step.GENERATE),
-    "pending": (row("pending"), False, False, Step.GENERATE),
 }  # fmt: skip
 
 
