@@ -38,6 +38,7 @@ RETRYABLE_CODES = {
     "deadline_exceeded", "overloaded", "upstream_error", "timeout",
 }  # fmt: skip
 MAX_MESSAGE = 500
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def classify(
@@ -123,13 +124,14 @@ def _describe_body(status: int, text: str) -> str:
         return f"HTTP {status} with an empty body"
     if text.startswith("<") or "<html" in text[:200].lower():
         title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
-        return f"HTTP {status} HTML page" + (f": {title.group(1).strip()}" if title else "")
+        return _clip(f"HTTP {status} HTML page" + (f": {title.group(1)}" if title else ""))
     return _clip(f"HTTP {status}: {text}")
 
 
 def _clip(text: str) -> str:
-    """One line, bounded, keeping any `(request id: ...)` even when the rest is cut."""
-    text = " ".join(text.split())
+    """One line, bounded, without control characters (no terminal escapes from a provider), keeping
+    any `(request id: ...)` even when the rest is cut."""
+    text = " ".join(CONTROL.sub(" ", text).split())
     if len(text) <= MAX_MESSAGE:
         return text
     request_id = re.search(r"\(request id: [^)]*\)", text)

@@ -146,3 +146,10 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         delays = [backoff_delay(attempt, rng, base=1, cap=60) for _ in range(200)]
         assert all(0 <= d <= min(60, 2**attempt) for d in delays)
         assert max(delays) > 0.5 * min(60, 2**attempt)  # full jitter spans the range
+
+
+def test_provider_text_is_one_clean_line() -> None:
+    hostile = "bad\x1b[2J\x1b[31m key\r\nFAKE LOG LINE\x07 (request id: r1)"
+    outcome = classify(500, {}, body(err("server_error", None, hostile)), NOW)
+    assert isinstance(outcome, RetryableError)
+    assert outcome.message == "bad [2J [31m key FAKE LOG LINE (request id: r1) type=server_error"
