@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputLockedError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_LOCKED
+    except KeyboardInterrupt:  # before a run took over the signals: nothing was started
+        print("pipeline: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="also retry items failed for good")
     run.add_argument("--dry-run", action="store_true", help="print the plan and its cost; send nothing")
     run.add_argument("--max-requests", type=_positive, help="send at most N generation requests")
-    run.add_argument("--max-duration", type=float, metavar="SECONDS", help="take no new items after this")
-    run.add_argument("--grace-s", type=float, default=30.0, help="on a stop, time for in-flight work")
+    run.add_argument("--max-duration", type=_seconds, metavar="SECONDS", help="take no new items after this")
+    run.add_argument("--grace-s", type=_seconds, default=30.0, help="on a stop, time for in-flight work")
     run.add_argument("--quiet", action="store_true", help="print only the summary and errors")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     run.add_argument("--simulate", action="store_true", help="use the built-in provider simulator")
@@ -105,6 +108,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 

@@ -28,6 +28,7 @@ EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
 MAX_PIXELS = 40_000_000
 CHUNK = 256 * 1024
 COMMIT_THREADS = 2
+FDATASYNC = getattr(os, "fdatasync", os.fsync)  # macOS has only fsync
 
 
 class TooManyPixels(ValueError):
@@ -53,7 +54,7 @@ class Downloader:
         self._serial = itertools.count()
         self._max_bytes = max_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10, sock_read=30)
-        # Checking and renaming images is mostly Python (Pillow): more threads only fight over the GIL.
+        # Two threads: a full-size decode does not stall the next image; more only contend for the GIL.
         self._workers = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
 
     def close(self) -> None:
@@ -142,7 +143,7 @@ class Downloader:
             with tmp.open("wb") as out:
                 out.write(data)
                 out.flush()
-                os.fdatasync(out.fileno())
+                FDATASYNC(out.fileno())
             digest, size = hashlib.sha256(data).hexdigest(), len(data)
         relative = f"images/{name}.{ext}"
         tmp.replace(self._output / relative)  # the runner fsyncs images/ before recording it
