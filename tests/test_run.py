@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 from pathlib import Path
@@ -222,3 +223,16 @@ def died_after_recording_the_url(output: Path, index: int, url: str, age_s: floa
 def _sql(output: Path, statement: str, *params: object) -> None:
     with sqlite3.connect(output / "state.db") as db:
         db.execute(statement, params)
+
+
+def test_a_regenerated_image_in_another_format_replaces_the_old_file(tmp_path: Path, sim: Simulator) -> None:
+    manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}])
+    assert run("run", manifest) == 0
+    jpeg = io.BytesIO()
+    Image.new("RGB", (1024, 1024), "orange").save(jpeg, "JPEG")
+    sim.config.image_bytes = jpeg.getvalue()  # relays label JPEG bytes as PNG: trust the bytes
+    write_manifest(tmp_path, [{"id": "a", "prompt": "y"}])
+    assert run("run", manifest) == 0
+    [row] = assert_dataset_consistent(tmp_path / "out")
+    assert row["file_name"] == "images/a_0.jpg" and row["prompt"] == "y"
+    assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["a_0.jpg"]
