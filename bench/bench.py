@@ -29,6 +29,7 @@ from pipeline.state import State
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "output" / "bench"
 TICK = os.sysconf("SC_CLK_TCK")
+SMALL_AND_FAST = ("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
 
 
 class SimProcess:
@@ -45,7 +46,10 @@ class SimProcess:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
 
-    def close(self) -> None:
+    def __enter__(self) -> SimProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.process.terminate()
         self.process.wait(10)
 
@@ -121,14 +125,11 @@ async def bare_client(base_url: str, items: int, concurrency: int) -> float:
 
 def latency_bound(items: int, out: Path) -> dict[str, Any]:
     concurrency, latency = 64, 0.5
-    sim = SimProcess("--latency", str(latency), "--jitter", "0.1", "--distinct-images", "64")
-    try:
+    with SimProcess("--latency", str(latency), "--jitter", "0.1", "--distinct-images", "64") as sim:
         folder = _fresh(out / "latency")
         sim_cpu = sim.cpu_s()
         run = measured("run", manifest(folder, items, concurrency), base_url=sim.base_url)
         sim_cpu = sim.cpu_s() - sim_cpu
-    finally:
-        sim.close()
     rate = run["result"]["done"] / run["result"]["elapsed_s"]
     return {
         "items": items, "concurrency": concurrency, "items_per_s": round(rate, 1),
@@ -140,16 +141,13 @@ def latency_bound(items: int, out: Path) -> dict[str, Any]:
 
 def overhead_bound(items: int, out: Path) -> dict[str, Any]:
     concurrency = 64
-    sim = SimProcess("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
-    try:
+    with SimProcess(*SMALL_AND_FAST) as sim:
         folder = _fresh(out / "overhead")
         sim_cpu = sim.cpu_s()
         run = measured("run", manifest(folder, items, concurrency), base_url=sim.base_url)
         ours_sim_cpu, sim_cpu = sim.cpu_s() - sim_cpu, sim.cpu_s()
         ceiling = asyncio.run(bare_client(sim.base_url, items, concurrency))
         ceiling_sim_cpu = sim.cpu_s() - sim_cpu
-    finally:
-        sim.close()
     rate = run["result"]["done"] / run["result"]["elapsed_s"]
     return {
         "items": items, "concurrency": concurrency, "items_per_s": round(rate, 1),
@@ -162,8 +160,7 @@ def overhead_bound(items: int, out: Path) -> dict[str, Any]:
 
 def scale(sizes: list[int], out: Path) -> list[dict[str, Any]]:
     rows = []
-    sim = SimProcess("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
-    try:
+    with SimProcess(*SMALL_AND_FAST) as sim:
         for items in sizes:
             folder = _fresh(out / f"scale-{items}")
             path = manifest(folder, items, 64)
@@ -178,8 +175,6 @@ def scale(sizes: list[int], out: Path) -> list[dict[str, Any]]:
                 "done_rerun_rss_mb": rerun["rss_mb"],
             })  # fmt: skip
             shutil.rmtree(folder)
-    finally:
-        sim.close()
     return rows
 
 
