@@ -183,8 +183,7 @@ def _fake_done(path: Path, output: Path) -> None:
     shutil.rmtree(output, ignore_errors=True)
     (output / "images").mkdir(parents=True)
     picture = render_png(64, 64, "bench")
-    state = State(output / "state.db")
-    with state.transaction():
+    with State(output / "state.db") as state, state.transaction():
         for n, item in enumerate(iter_items(load_manifest(path))):
             if n % 50_000 == 0:  # ext4 allows 65,000 links to one file
                 template = output / f"template-{n}.png"
@@ -192,7 +191,6 @@ def _fake_done(path: Path, output: Path) -> None:
             name = f"images/{item.name}.png"
             os.link(template, output / name)
             state.record_done(item, {"file_name": name, "sha256": "0", "bytes": 0})
-    state.close()
 
 
 def _per_item(run: dict[str, Any], items: int) -> float:

@@ -185,11 +185,8 @@ def _output_of(target: Path) -> Path:
 
 def _status(args: argparse.Namespace) -> int:
     output = _output_of(args.target)
-    state = State(output / "state.db", readonly=True)
-    try:
+    with State(output / "state.db", readonly=True) as state:
         counts, last = state.counts(), state.last_run()
-    finally:
-        state.close()
     if args.json:
         print(json.dumps({"output": str(output), **counts, "last_run": last}))
         return 0

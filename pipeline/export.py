@@ -19,9 +19,8 @@ from pipeline.state import State
 def export_webdataset(output: Path, destination: Path, shard_size: int) -> list[Path]:
     """Write shards of at most `shard_size` samples; the shard paths, in order."""
     destination.mkdir(parents=True, exist_ok=True)
-    state = State(output / "state.db", readonly=True)
     shards: list[Path] = []
-    try:
+    with State(output / "state.db", readonly=True) as state:
         samples = enumerate(json.loads(line) for line in state.images())
         while batch := list(itertools.islice(samples, shard_size)):
             final = destination / f"shard-{len(shards):06d}.tar"
@@ -31,8 +30,6 @@ def export_webdataset(output: Path, destination: Path, shard_size: int) -> list[
                     _add_sample(archive, output, n, row)
             tmp.replace(final)
             shards.append(final)
-    finally:
-        state.close()
     return shards
 
 

@@ -6,6 +6,7 @@ plan for `run --dry-run` without sending anything or writing anything.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -93,18 +94,15 @@ LABELS = ("new", "changed", "done", "failed", "retry", "download", "resume")
 
 
 def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
-    state = State(output / "state.db", readonly=True) if (output / "state.db").exists() else None
     result = Preview(concurrency=manifest.concurrency, price_per_image=manifest.price_per_image)
-    try:
+    path = output / "state.db"
+    with State(path, readonly=True) if path.exists() else contextlib.nullcontext() as state:
         matched = 0
         for item, row, step in plan_items(manifest, state, output, retry_failed):
             result.items += 1
             matched += row is not None
             result.steps[_label(item, row, step)] += 1
         result.orphaned = (state.count_rows() if state else 0) - matched
-    finally:
-        if state:
-            state.close()
     return result
 
 

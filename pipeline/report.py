@@ -22,13 +22,10 @@ MAX_CARDS = 5000  # beyond this the page would be too heavy to be useful; status
 
 
 def write_report(output: Path) -> Path:
-    state = State(output / "state.db", readonly=True)
-    try:
+    with State(output / "state.db", readonly=True) as state:
         images = [json.loads(line) for _, line in zip(range(MAX_CARDS), state.images(), strict=False)]
         failures = list(state.failures())
         counts, last = state.counts(), state.last_run()
-    finally:
-        state.close()
     for row in images:
         row["thumb"] = _thumbnail(output, row["file_name"])
     page = output / "report.html"

@@ -74,6 +74,12 @@ class State:
     def count_rows(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])
 
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         try:
             if self._db.in_transaction:
