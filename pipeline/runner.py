@@ -31,7 +31,7 @@ from aiolimiter import AsyncLimiter
 from pipeline.classify import backoff_delay
 from pipeline.client import Client
 from pipeline.dataset import write_dataset
-from pipeline.download import Downloader, StoredImage, file_digest, fsync_path, inspect_image
+from pipeline.download import EXTENSIONS, Downloader, StoredImage, file_digest, fsync_path, inspect_image
 from pipeline.errors import (
     DownloadError,
     FatalError,
@@ -383,7 +383,9 @@ class Runner:
     async def _adopt(self, item: Item, old_file: str | None) -> bool:
         """A file that landed before a crash lost its state write: verify it and take it."""
         recorded = self._state.image_sha256(item)  # the previous image, if any: not a new one
-        for path in sorted((self.output / "images").glob(f"{item.name}.*")):
+        # Exact names only: ids may hold dots, so a glob `<name>.*` could match another item's file.
+        candidates = (self.output / "images" / f"{item.name}.{ext}" for ext in EXTENSIONS.values())
+        for path in (candidate for candidate in candidates if candidate.exists()):
             digest, size = file_digest(path)
             if digest == recorded:
                 continue

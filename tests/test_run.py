@@ -236,3 +236,17 @@ def test_a_regenerated_image_in_another_format_replaces_the_old_file(tmp_path: P
     [row] = assert_dataset_consistent(tmp_path / "out")
     assert row["file_name"] == "images/a_0.jpg" and row["prompt"] == "y"
     assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["a_0.jpg"]
+
+
+def test_adoption_never_takes_another_items_file(tmp_path: Path, sim: Simulator) -> None:
+    # ids may contain dots: "v_1.x_0.png" (item v_1.x, index 0) must not pass for item v_1's image
+    manifest = write_manifest(tmp_path, [{"id": "v", "prompt": "x", "count": 2}, {"id": "v_1.x", "prompt": "y"}])
+    assert run("run", manifest) == 0
+    out = tmp_path / "out"
+    (out / "images/v_1.png").unlink()
+    _sql(out, "UPDATE items SET status='url', url=NULL, image=NULL, image_fp=NULL, file=NULL WHERE id='v' AND idx=1")
+    assert run("run", manifest) == 0
+    rows = {(r["id"], r["index"]): r for r in assert_dataset_consistent(out)}
+    assert rows[("v", 1)]["file_name"] == "images/v_1.png" and rows[("v", 1)]["prompt"] == "x"
+    assert rows[("v_1.x", 0)]["file_name"] == "images/v_1.x_0.png"
+    assert sim.stats.generations == 4  # v_1 was generated again, not taken from its neighbour
