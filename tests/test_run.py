@@ -240,11 +240,16 @@ def test_a_regenerated_image_in_another_format_replaces_the_old_file(tmp_path: P
 
 def test_adoption_never_takes_another_items_file(tmp_path: Path, sim: Simulator) -> None:
     # ids may contain dots: "v_1.x_0.png" (item v_1.x, index 0) must not pass for item v_1's image
-    manifest = write_manifest(tmp_path, [{"id": "v", "prompt": "x", "count": 2}, {"id": "v_1.x", "prompt": "y"}])
+    manifest = write_manifest(
+        tmp_path, [{"id": "v", "prompt": "x", "count": 2}, {"id": "v_1.x", "prompt": "y"}]
+    )
     assert run("run", manifest) == 0
     out = tmp_path / "out"
     (out / "images/v_1.png").unlink()
-    _sql(out, "UPDATE items SET status='url', url=NULL, image=NULL, image_fp=NULL, file=NULL WHERE id='v' AND idx=1")
+    _sql(
+        out,
+        "UPDATE items SET status='url', url=NULL, image=NULL, image_fp=NULL, file=NULL WHERE id='v' AND idx=1",
+    )
     assert run("run", manifest) == 0
     rows = {(r["id"], r["index"]): r for r in assert_dataset_consistent(out)}
     assert rows[("v", 1)]["file_name"] == "images/v_1.png" and rows[("v", 1)]["prompt"] == "x"
