@@ -120,7 +120,7 @@ def _seconds(text: str) -> float:
 
 def _validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
-    print(f"{args.manifest}: valid: {len(manifest.jobs)} jobs, {manifest.total_items} items")
+    print(f"{args.manifest}: valid: {manifest.expanded_jobs} jobs, {manifest.total_items} items")
     return 0
 
 

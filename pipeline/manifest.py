@@ -6,6 +6,7 @@ Every problem is found before the first request and reported with its place,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import re
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -30,7 +32,7 @@ from pydantic import (
 from pipeline.download import file_digest, inspect_image
 from pipeline.errors import ManifestError
 from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE
-from pipeline.sources import SourceRow, read_rows
+from pipeline.sources import SourceRow, decode_text, read_rows
 
 AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
@@ -74,9 +76,10 @@ class Job(_Strict):
     """One prompt (`prompt`), one per combination of a `matrix`, or one per row of a file
     (`prompts_file`); `count` images of each."""
 
+    # `matrix` comes first: `id` and `prompt` are checked against its names as they are validated.
+    matrix: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], MatrixValues] | None = None
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._{}-]{1,100}$")] | None = None
     prompt: Annotated[str, Field(min_length=1, max_length=32_000)] | None = None
-    matrix: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], MatrixValues] | None = None
     images: Annotated[list[Reference], Field(min_length=1, max_length=16)] | None = None
     prompts_file: Annotated[str, Field(pattern=r"\.(txt|csv|jsonl)$")] | None = None
     id_field: Annotated[str, Field(min_length=1)] | None = None
@@ -91,6 +94,15 @@ class Job(_Strict):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("id", "prompt")
+    @classmethod
+    def _known_placeholders(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and "matrix" in info.data:  # absent: the matrix itself is wrong
+            unknown = placeholders(value) - set(info.data["matrix"] or {})
+            if unknown:
+                raise ValueError(f"uses {', '.join(sorted(unknown))}, not in `matrix`")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> Job:
         if (self.prompt is None) == (self.prompts_file is None):
@@ -101,11 +113,6 @@ class Job(_Strict):
             raise ValueError("`images` go with `prompt` jobs, not `prompts_file`")
         if self.prompts_file is not None and (self.id is not None or self.matrix is not None):
             raise ValueError("a `prompts_file` job takes its ids from `id_field` (or the prompts), not `id`")
-        names = set(self.matrix or {})
-        for key, template in (("prompt", self.prompt), ("id", self.id)):
-            unknown = placeholders(template or "") - names
-            if unknown:
-                raise ValueError(f"{key} uses {', '.join(sorted(unknown))}, not in `matrix`")
         return self
 
 
@@ -148,11 +155,22 @@ class Manifest(_Strict):
     jobs: Annotated[list[Job], Field(min_length=1)]
     _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest
     _total: int = PrivateAttr(default=0)  # items, counted by the validation pass
+    _prompts: int = PrivateAttr(default=0)  # jobs as expanded: one per prompt, matrix combination or row
+    _places: list[int] | None = PrivateAttr(default=None)  # jobs[i] of each job, when some were dropped
     _image_hashes: dict[str, str] = PrivateAttr(default_factory=dict)  # reference file -> sha256
 
     @property
     def total_items(self) -> int:
         return self._total
+
+    @property
+    def expanded_jobs(self) -> int:
+        """Jobs as `status` and the report count them: one per prompt, matrix combination or row."""
+        return self._prompts
+
+    def numbered_jobs(self) -> Iterator[tuple[int, Job]]:
+        """(i, job) of `jobs[i]` in the manifest file."""
+        return zip(self._places or range(len(self.jobs)), self.jobs, strict=True)
 
     _http = field_validator("healthcheck_url")(lambda value: _http_url(value))
 
@@ -214,7 +232,7 @@ def _prompts(
     problems are skipped (and described in `problems` when given)."""
     defaults = manifest.defaults
     default_ratio_set = "aspect_ratio" in defaults.model_fields_set
-    for i, job in enumerate(manifest.jobs):
+    for i, job in manifest.numbered_jobs():
         images = tuple(_reference(manifest._base, ref) for ref in job.images or ())
         # Without an aspect ratio of its own, an edit keeps its input's size (provider contract).
         keep_size = images and not default_ratio_set
@@ -225,6 +243,8 @@ def _prompts(
                 yield f"jobs[{i}]", ident or derive_id(prompt), prompt, ratio, count, images
             continue
         path = manifest._base / str(job.prompts_file)
+        if not path.is_file():
+            continue  # reported by the validation pass
         for row in read_rows(path, job.id_field, job.prompt_field or "prompt"):
             if isinstance(row, SourceRow):
                 ident = row.id or derive_id(row.prompt)
@@ -248,30 +268,62 @@ def load_manifest(path: Path) -> Manifest:
     """Read, parse and validate a manifest, or raise ManifestError listing every problem."""
     try:
         raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ManifestError([f"{path}: is a directory, not a manifest"]) from None
     except OSError as exc:
-        raise ManifestError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        raise ManifestError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError([f"{path}: too large ({len(raw)} bytes, limit {MAX_MANIFEST_BYTES})"])
-    data, lines = _parse_yaml(path, raw)
+    try:
+        text = decode_text(raw)
+    except ValueError as exc:
+        raise ManifestError([f"{path}: {exc}"]) from None
+    data, lines = _parse_yaml(path, text)
     if not isinstance(data, dict):
         raise ManifestError([f"{path}: must be a mapping with a `jobs` list, got {_kind(data)}"])
+    problems: list[str] = []
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError(
-            [_problem(path, lines, _loc(e["loc"]), _describe(e)) for e in exc.errors()]
-        ) from None
+        problems = [_problem(path, lines, _loc(e["loc"]), _describe(e)) for e in exc.errors()]
+        manifest = _salvage(data)
     manifest._base = path.parent
-    missing = [
-        _problem(path, lines, f"jobs[{i}].prompts_file", f"no such file: {path.parent / job.prompts_file}")
-        for i, job in enumerate(manifest.jobs)
-        if job.prompts_file and not (path.parent / job.prompts_file).is_file()
-    ]
-    missing += _check_images(manifest, path, lines)
-    if missing:
-        raise ManifestError(missing)
-    manifest._total = _check_prompts(manifest, path, lines)
+    problems += _check_files(manifest, path, lines)
+    if not problems or len(problems) < MAX_PROBLEMS:
+        problems += _check_prompts(manifest, path, lines, MAX_PROBLEMS - len(problems))
+    if problems:
+        raise ManifestError(problems)
     return manifest
+
+
+def _salvage(data: dict[str, Any]) -> Manifest:
+    """The parts of an invalid manifest that do validate, so that the checks across jobs (duplicate
+    ids, reference images, prompt files) still run and come out in the same report."""
+    jobs, places = [], []
+    raw_jobs = data.get("jobs")
+    for i, raw in enumerate(raw_jobs if isinstance(raw_jobs, list) else []):
+        with contextlib.suppress(ValidationError):
+            jobs.append(Job.model_validate(raw))
+            places.append(i)
+    fields: dict[str, Any] = {"jobs": jobs}
+    for name, model in (("defaults", Defaults), ("api", Api)):
+        with contextlib.suppress(ValidationError):
+            fields[name] = model.model_validate(data.get(name, {}))
+    manifest = Manifest.model_construct(**fields)
+    manifest._places = places
+    return manifest
+
+
+def _check_files(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
+    """Prompt files and reference images exist and are usable; files that are not are dropped."""
+    problems = []
+    for i, job in manifest.numbered_jobs():
+        if job.prompts_file:
+            prompts = path.parent / job.prompts_file
+            if not prompts.exists() or prompts.is_dir():
+                what = "is a directory" if prompts.is_dir() else "no such file"
+                problems.append(_problem(path, lines, f"jobs[{i}].prompts_file", f"{what}: {prompts}"))
+    return problems + _check_images(manifest, path, lines)
 
 
 def _reference(base: Path, ref: str) -> str:
@@ -282,7 +334,7 @@ def _reference(base: Path, ref: str) -> str:
 def _check_images(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
     """Reference files exist, are small enough and decode; their sha256 goes into item keys."""
     problems = []
-    for i, job in enumerate(manifest.jobs):
+    for i, job in manifest.numbered_jobs():
         for k, ref in enumerate(job.images or ()):
             place = f"jobs[{i}].images[{k}]"
             resolved = _reference(manifest._base, ref)
@@ -306,20 +358,21 @@ def check_reference_image(path: Path) -> str:
     return file_digest(path)[0]
 
 
-def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int]) -> int:
+def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int], limit: int) -> list[str]:
     """One streaming pass over every prompt: row problems and duplicate ids, in flat memory.
 
-    Returns the number of items. Ids go to a temporary on-disk SQLite table, not a Python set,
-    so a million-row prompts file costs no more memory than a ten-row one.
+    Counts the items and the expanded jobs. Ids go to a temporary on-disk SQLite table, not a
+    Python set, so a million-row prompts file costs no more memory than a ten-row one. Jobs whose
+    prompt file is missing were reported already and are skipped.
     """
     problems: list[str] = []
-    total = 0
     seen = sqlite3.connect("")  # "" is a private temporary database on disk, deleted on close
     try:
         seen.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT) WITHOUT ROWID")
         seen.execute("BEGIN")
         for place, ident, prompt, _, count, _ in _prompts(manifest, problems):
-            total += count
+            manifest._total += count
+            manifest._prompts += 1
             if not ID_RE.fullmatch(ident):
                 problems.append(_problem(path, lines, f"{place}.id", f'"{ident}" {ID_RULE}'))
                 continue
@@ -329,14 +382,12 @@ def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int]) -> int
                 (first,) = seen.execute("SELECT place FROM ids WHERE id = ?", (ident,)).fetchone()
                 derived = ident == derive_id(prompt)
                 problems.append(_duplicate(path, lines, place, ident, first, derived))
-            if len(problems) >= MAX_PROBLEMS:
+            if len(problems) >= limit:
                 problems.append("... stopped after that many problems")
                 break
     finally:
         seen.close()
-    if problems:
-        raise ManifestError(problems)
-    return total
+    return problems
 
 
 def _duplicate(path: Path, lines: dict[str, int], place: str, ident: str, first: str, derived: bool) -> str:
@@ -348,9 +399,10 @@ def _duplicate(path: Path, lines: dict[str, int], place: str, ident: str, first:
     return f"{place}: id {text}"
 
 
-def _parse_yaml(path: Path, raw: bytes) -> tuple[Any, dict[str, int]]:
-    loader = yaml.SafeLoader(raw)
+def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # checks every character already
         node = loader.get_single_node()
         if node is None:
             raise ManifestError(["is empty"])
@@ -361,6 +413,10 @@ def _parse_yaml(path: Path, raw: bytes) -> tuple[Any, dict[str, int]]:
         mark = exc.problem_mark
         line = f" (line {mark.line + 1})" if mark else ""
         raise ManifestError([f"{path}: not valid YAML: {exc.problem}{line}"]) from None
+    except yaml.reader.ReaderError as exc:
+        char = ord(exc.character) if isinstance(exc.character, str) else exc.character
+        where = text[: exc.position].count("\n") + 1
+        raise ManifestError([f"{path}: character #x{char:04x} is not allowed in YAML (line {where})"]) from None
     except yaml.YAMLError as exc:
         raise ManifestError([f"{path}: not valid YAML: {exc}"]) from None
     except RecursionError:
@@ -368,7 +424,8 @@ def _parse_yaml(path: Path, raw: bytes) -> tuple[Any, dict[str, int]]:
     except ManifestError as exc:
         raise ManifestError([f"{path}: {problem}" for problem in exc.problems]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _index_lines(node: yaml.Node, place: str, lines: dict[str, int], seen: set[int], depth: int) -> None:

@@ -6,6 +6,7 @@ problem with its file and line before the first request, in memory that does not
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Iterator
@@ -25,31 +26,101 @@ class SourceRow:
     count: int | None
 
 
+def text_encoding(head: bytes) -> str:
+    """UTF-16 when a byte-order mark says so (what Windows tools save as "Unicode"), else UTF-8,
+    a UTF-8 byte-order mark dropped."""
+    return "utf-16" if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+
+
+def decode_text(data: bytes) -> str:
+    """A whole file's text, or ValueError saying why it is not text (with the line)."""
+    encoding = text_encoding(data)
+    if encoding != "utf-16" and b"\x00" in data:
+        raise ValueError(_nul(data[: data.index(b"\x00")].count(b"\n") + 1))
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ValueError(_not_text(encoding, exc, data[: exc.start].count(b"\n") + 1)) from None
+    if "\x00" in text:
+        raise ValueError(_nul(text[: text.index("\x00")].count("\n") + 1))
+    return text
+
+
+def _not_text(encoding: str, exc: UnicodeDecodeError, line: int) -> str:
+    if encoding == "utf-16":
+        return f"not valid UTF-16 text (near line {line})"
+    return f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} on line {line} (save it as UTF-8)"
+
+
+def _nul(line: int) -> str:
+    return f"contains NUL bytes on line {line}: not a text file"
+
+
 def read_rows(path: Path, id_field: str | None, prompt_field: str) -> Iterator[SourceRow | str]:
-    """Each row of a prompts file, or a string saying what is wrong with it (`line N: ...`)."""
-    for line, raw in _raw_rows(path, prompt_field):
-        if isinstance(raw, str):
-            yield f"line {line}: {raw}"
-            continue
-        row = _row(line, raw, id_field, prompt_field)
-        yield row if isinstance(row, SourceRow) else f"line {line}: {row}"
+    """Each row of a prompts file, or a string saying what is wrong with it (`line N: ...`); a
+    problem with the whole file (unreadable, not text, no prompts) ends the rows."""
+    rows = 0
+    try:
+        for line, raw in _raw_rows(path, prompt_field):
+            rows += 1
+            if isinstance(raw, str):
+                yield f"line {line}: {raw}"
+                continue
+            row = _row(line, raw, id_field, prompt_field)
+            yield row if isinstance(row, SourceRow) else f"line {line}: {row}"
+    except IsADirectoryError:
+        yield "is a directory, not a prompts file"
+    except OSError as exc:
+        yield f"cannot read: {exc.strerror or exc}"
+    except (ValueError, csv.Error) as exc:
+        yield str(exc)
+    else:
+        if rows == 0:
+            yield "is empty: no prompts in it"
 
 
 def _raw_rows(path: Path, prompt_field: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        if path.suffix == ".csv":
-            reader = csv.DictReader(handle)
-            for record in reader:
-                yield reader.line_num, {k: v for k, v in record.items() if v not in (None, "")}
-        elif path.suffix == ".jsonl":
-            for line, text in enumerate(handle, 1):
-                if text.strip():
-                    yield line, _json_object(text)
-        else:
-            for line, text in enumerate(handle, 1):
-                prompt = text.strip()
-                if prompt and not prompt.startswith("#"):
-                    yield line, {prompt_field: prompt}
+    with path.open("rb") as binary:
+        encoding = text_encoding(binary.read(2))
+    lines = _lines(path, encoding)
+    if path.suffix == ".csv":
+        reader = csv.DictReader(line for _, line in lines)
+        for record in reader:
+            yield reader.line_num, {k: v for k, v in record.items() if v not in (None, "")}
+    elif path.suffix == ".jsonl":
+        for line, text in lines:
+            if text.strip():
+                yield line, _json_object(text)
+    else:
+        for line, text in lines:
+            prompt = text.strip()
+            if prompt and not prompt.startswith("#"):
+                yield line, {prompt_field: prompt}
+
+
+def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, kept whole with its line ending (csv needs them); ValueError
+    at the first line that is not text."""
+    if encoding == "utf-16":
+        with path.open(encoding=encoding, newline="") as handle:
+            line = 0
+            try:
+                for line, text in enumerate(handle, 1):
+                    if "\x00" in text:
+                        raise ValueError(_nul(line))
+                    yield line, text
+            except UnicodeDecodeError as exc:
+                raise ValueError(_not_text(encoding, exc, line + 1)) from None
+        return
+    with path.open("rb") as handle:
+        for line, data in enumerate(handle, 1):
+            if b"\x00" in data:
+                raise ValueError(_nul(line))
+            try:
+                text = data.decode(encoding if line == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(_not_text(encoding, exc, line)) from None
+            yield line, text
 
 
 def _json_object(text: str) -> dict[str, Any] | str:

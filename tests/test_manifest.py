@@ -64,6 +64,30 @@ def test_all_problems_reported_at_once(tmp_path: Path, capsys: pytest.CaptureFix
     ]  # fmt: skip
 
 
+def test_cross_field_problems_come_with_the_field_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Duplicate ids, unknown placeholders, missing files: in the same report as a bad field."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "concurrency: 0\n"
+        "jobs:\n"
+        '  - {id: a, prompt: x, aspect_ratio: "7:3"}\n'
+        "  - {id: b, prompt: y}\n"
+        "  - {id: b, prompt: z}\n"
+        '  - {id: "{c}", prompt: "w {d}", count: 0, matrix: {c: [1]}}\n'
+        "  - {id: e, prompt: v, images: [missing.png]}\n"
+        "  - {prompts_file: nope.txt}\n"
+    )
+    assert run("validate", path) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        "concurrency", "jobs[0].aspect_ratio", "jobs[3].prompt", "jobs[3].count",
+        "jobs[5].prompts_file", "jobs[4].images[0]", "jobs[2].id",
+    ], lines  # fmt: skip
+    assert lines[-1].endswith('"b" is also the id of jobs[1] (line 5)')
+
+
 def test_huge_manifest_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "huge.yaml"
     path.write_text("jobs:\n" + '  - {prompt: "x"}\n' * 400_000)
@@ -134,6 +158,13 @@ MATRIX_JOB = """jobs:
 """
 
 
+def test_validate_counts_the_expanded_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(MATRIX_JOB.replace('"4:5"', '"4:5"\n    count: 2'))
+    assert run("validate", path) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: valid: 9 jobs, 18 items"
+
+
 def test_matrix_expands_to_the_cartesian_product(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text(MATRIX_JOB)
@@ -147,8 +178,8 @@ def test_matrix_expands_to_the_cartesian_product(tmp_path: Path) -> None:
 
 MATRIX_BAD = {
     "unknown placeholder in the prompt": (
-        'jobs:\n  - {id: "{a}", prompt: "x {b}", matrix: {a: [1, 2]}}\n', "jobs[0]: prompt uses b, not in `matrix`"),
-    "placeholder without a matrix": ('jobs:\n  - {id: "{a}", prompt: x}\n', "jobs[0]: id uses a, not in `matrix`"),
+        'jobs:\n  - {id: "{a}", prompt: "x {b}", matrix: {a: [1, 2]}}\n', "jobs[0].prompt: uses b, not in `matrix`, got \"x {b}\" (line 2)"),
+    "placeholder without a matrix": ('jobs:\n  - {id: "{a}", prompt: x}\n', "jobs[0].id: uses a, not in `matrix`"),
     "duplicate expanded ids": (
         'jobs:\n  - {id: "same", prompt: "x {a}", matrix: {a: [1, 2]}}\n', 'jobs[0].id: "same" is also the id of jobs[0]'),
     "expanded id too long": (
