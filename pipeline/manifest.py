@@ -416,7 +416,8 @@ def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
     except yaml.reader.ReaderError as exc:
         char = ord(exc.character) if isinstance(exc.character, str) else exc.character
         where = text[: exc.position].count("\n") + 1
-        raise ManifestError([f"{path}: character #x{char:04x} is not allowed in YAML (line {where})"]) from None
+        problem = f"character #x{char:04x} is not allowed in YAML (line {where})"
+        raise ManifestError([f"{path}: {problem}"]) from None
     except yaml.YAMLError as exc:
         raise ManifestError([f"{path}: not valid YAML: {exc}"]) from None
     except RecursionError:
