@@ -37,6 +37,12 @@ RETRYABLE_CODES = {
     "rate_limit_exceeded", "resource_exhausted", "unavailable", "internal", "server_error",
     "deadline_exceeded", "overloaded", "upstream_error", "timeout",
 }  # fmt: skip
+# Texts some relays send instead of an image when the prompt was blocked (gemini-balance: "no reply yet").
+REFUSAL_PLACEHOLDERS = {"暂无返回"}
+# A Google status quoted inside a relay's message: `400 INVALID_ARGUMENT`, `"status": "NOT_FOUND"`.
+INNER_STATUS = re.compile(
+    r"""\b[45]\d\d\.? ([A-Z][A-Z_]{3,})\b|["']status["']\s*:\s*["']([A-Z][A-Z_]{3,})["']"""
+)
 MAX_MESSAGE = 500
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -84,6 +90,9 @@ def _error_object(data: Any) -> dict[str, Any] | None:
 def _from_error(status: int, error: dict[str, Any], retry_after: float | None) -> ItemError:
     codes = {str(error.get(k)).lower() for k in ("type", "code", "status") if error.get(k)}
     message = _message(error)
+    codes |= {(a or b).lower() for a, b in INNER_STATUS.findall(str(error.get("message") or ""))}
+    if 400 <= status < 500 and status not in (408, 429):
+        codes -= RETRYABLE_CODES  # the HTTP status wins over an outer label: a 4xx is no server error
     delay = retry_after if retry_after is not None else gemini_retry_delay(error)
     if codes & FATAL_CODES:
         return FatalError(message)
@@ -144,6 +153,8 @@ def _no_image(data: Any) -> ItemError:
     if refused:
         return RefusalError(f"refused by the provider: {refused[0]}")
     said = " ".join(_texts(data))[:200]
+    if said.strip() in REFUSAL_PLACEHOLDERS:
+        return RefusalError(f"refused by the provider (placeholder reply {said.strip()!r})")
     detail = f" (finish_reason {', '.join(reasons)})" if reasons else ""
     return NoImageError(_clip(f"reply has no image{detail}" + (f": {said}" if said else "")))
 

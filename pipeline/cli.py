@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--image-port", type=int, default=0)
-    sim.add_argument("--key", default="sim-key")
+    sim.add_argument("--key", help="the key to expect (default: $IMAGE_API_KEY when set, else sim-key)")
     sim.add_argument("--latency", type=float, default=1.0)
     sim.add_argument("--jitter", type=float, default=0.5)
     sim.add_argument("--seed", type=int, default=0)
@@ -363,20 +363,29 @@ def format_summary(summary: Summary, output: Path) -> str:
     return "\n".join(lines)
 
 
+def _simulator_key(flag: str | None) -> tuple[str, str]:
+    """The key the simulator expects (--key, else $IMAGE_API_KEY, else sim-key) and how to say which
+    one without printing a key the user chose."""
+    if flag:
+        return flag, "(expects the key given with --key)"
+    exported = os.environ.get("IMAGE_API_KEY")
+    if exported:
+        return exported, "(expects the key in $IMAGE_API_KEY)"
+    return "sim-key", "IMAGE_API_KEY=sim-key"
+
+
 def _simulate(args: argparse.Namespace) -> int:
     rates = {k: v for k, v in vars(args).items() if k.startswith("rate_")}
+    key, said = _simulator_key(args.key)
     config = SimConfig(
-        key=args.key, latency_s=args.latency, jitter_s=args.jitter, seed=args.seed,
+        key=key, latency_s=args.latency, jitter_s=args.jitter, seed=args.seed,
         image_scale=args.image_scale, distinct_images=args.distinct_images, **rates,
     )  # fmt: skip
 
     async def serve() -> None:
         simulator = Simulator(config)
         await simulator.start(args.host, args.port, args.image_port)
-        print(
-            f"simulator: IMAGE_API_BASE_URL={simulator.base_url} IMAGE_API_KEY={config.key}",
-            flush=True,
-        )
+        print(f"simulator: IMAGE_API_BASE_URL={simulator.base_url} {said}", flush=True)
         try:
             await asyncio.Event().wait()
         finally:

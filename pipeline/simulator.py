@@ -19,7 +19,7 @@ import json
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -32,6 +32,19 @@ from pipeline.extract import decode_data_uri
 from pipeline.presets import ASPECT_RATIOS
 
 MODELS = {"gemini-2.5-flash-image", "gemini-2.5-flash-image-preview"}
+
+
+class BoundedCounter(Counter[str]):
+    """A Counter that forgets its oldest keys beyond `maxlen` (dicts keep insertion order)."""
+
+    def __init__(self, maxlen: int) -> None:
+        super().__init__()
+        self.maxlen = maxlen
+
+    def __setitem__(self, key: str, value: int) -> None:
+        if key not in self and len(self) >= self.maxlen:
+            del self[next(iter(self))]
+        super().__setitem__(key, value)
 
 
 @dataclass
@@ -67,6 +80,7 @@ class SimConfig:
     url_ttl_s: float = 3600.0
     image_scale: int = 1  # divide image sizes by this (benchmarks: small images)
     distinct_images: int = 0  # 0: a picture per token; N: only N pictures, drawn once (benchmarks)
+    window: int = 100_000  # per-prompt counters and request times kept: a long session stays bounded
 
 
 @dataclass
@@ -80,19 +94,28 @@ class SimStats:
     image_requests: int = 0
     downloads: int = 0  # complete image bodies served
     image_auth_headers: int = 0  # requests to the image host that carried Authorization
-    prompts: Counter[str] = field(default_factory=Counter)  # generations per prompt
-    request_times: list[float] = field(default_factory=list)
-    pings: list[str] = field(default_factory=list)  # healthcheck pings received, by path
-    reference_images: list[str] = field(default_factory=list)  # sha256 of each input image received
+    window: int = 100_000
+    first_request_at: float | None = None  # time.monotonic() of the first request
+    # The newest `window` of each (a long `pipeline simulate` session stays bounded):
+    prompts: Counter[str] = field(init=False)  # generations per prompt
+    request_times: deque[float] = field(init=False)
+    reference_images: deque[str] = field(init=False)  # sha256 of each input image received
+    pings: deque[str] = field(init=False)  # healthcheck pings received, by path
+
+    def __post_init__(self) -> None:
+        self.prompts = BoundedCounter(self.window)
+        self.request_times = deque(maxlen=self.window)
+        self.reference_images = deque(maxlen=self.window)
+        self.pings = deque(maxlen=self.window)
 
 
 class Simulator:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self.stats = SimStats()
+        self.stats = SimStats(window=self.config.window)
         self._secret = random.randbytes(16)
-        self._asked: Counter[str] = Counter()
-        self._fetched: Counter[str] = Counter()
+        self._asked: Counter[str] = BoundedCounter(self.config.window)  # requests per prompt and ratio
+        self._fetched: Counter[str] = BoundedCounter(self.config.window)  # downloads per image
         self._runners: list[web.AppRunner] = []
         self.base_url = ""
         self.image_origin = ""
@@ -127,9 +150,9 @@ class Simulator:
     def reset(self, config: SimConfig) -> None:
         """A fresh start for the next test: new knobs, zeroed counters and fault sequences."""
         self.config = config
-        self.stats = SimStats()
-        self._asked.clear()
-        self._fetched.clear()
+        self.stats = SimStats(window=config.window)
+        self._asked = BoundedCounter(config.window)
+        self._fetched = BoundedCounter(config.window)
 
     # The gateway
 
@@ -137,6 +160,8 @@ class Simulator:
         stats = self.stats
         stats.requests += 1
         stats.request_times.append(time.monotonic())
+        if stats.first_request_at is None:
+            stats.first_request_at = stats.request_times[-1]
         stats.in_flight += 1
         stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
         try:
@@ -193,7 +218,7 @@ class Simulator:
         self.stats.prompts[prompt] += 1
         token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
         expires = time.time() - 1 if fault == "expired" else None
-        self.stats.reference_images += [hashlib.sha256(data).hexdigest() for data in inputs]
+        self.stats.reference_images.extend(hashlib.sha256(data).hexdigest() for data in inputs)
         size = self._size(ratio) if ratio or not inputs else _image_size(inputs[0])
         return await _send(request, self._image_reply(size, token, expires), stream)
 
@@ -205,7 +230,7 @@ class Simulator:
         storm = self.config.storm
         if storm is None:
             return False
-        elapsed = time.monotonic() - self.stats.request_times[0]
+        elapsed = time.monotonic() - (self.stats.first_request_at or 0.0)
         return storm[0] <= elapsed < storm[1]
 
     def _draw_fault(self, rng: random.Random) -> str | None:

@@ -46,12 +46,18 @@ CASES = {
     "IMAGE_RECITATION": (200, {}, reply(None, "IMAGE_RECITATION"), RefusalError),
     "native promptFeedback.blockReason": (200, {}, body({"promptFeedback": {"blockReason": "BLOCKLIST"}}), RefusalError),
     "prompt_blocked error code": (400, {}, body(err("invalid_request_error", "prompt_blocked")), RefusalError),
+    "gemini-balance blocked: 200, stop, placeholder text": (200, {}, reply("暂无返回", "stop"), RefusalError),
     # No image (worth one retry)
     "plain text only": (200, {}, reply("Here is a description of a kitten."), NoImageError),
     "content null": (200, {}, reply(None), NoImageError),
     "choices empty": (200, {}, body({"choices": []}), NoImageError),
     "NO_IMAGE finish": (200, {}, reply(None, "NO_IMAGE"), NoImageError),
     "OTHER finish": (200, {}, reply("", "OTHER"), NoImageError),
+    "400 wrapping Google's INVALID_ARGUMENT in an outer INTERNAL": (400, {}, body({"error": {
+        "code": 500, "status": "INTERNAL", "message": '400 INVALID_ARGUMENT. {"error": {"code": 400, '
+        '"message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}}'}}), PermanentError),
+    "400 labelled internal_error, nothing inside": (400, {}, body(err("internal", None)), PermanentError),
+    "500 labelled INTERNAL stays retryable": (500, {}, body({"error": {"code": 500, "status": "INTERNAL", "message": "x"}}), RetryableError),
     # Errors in disguise on HTTP 200
     "200 with error object, no code": (200, {}, body(err("upstream_error", None)), RetryableError),
     "200 with error carrying code 429": (200, {}, body({"error": {"code": 429, "message": "busy"}}), RetryableError),

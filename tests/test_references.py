@@ -29,7 +29,7 @@ def test_reference_images_reach_the_provider_and_the_output_keeps_their_size(
     ]
     manifest = write_manifest(tmp_path, jobs)
     assert run("run", manifest) == 0
-    assert sim.stats.reference_images == [first, second] * 2  # both parts, in order, exact bytes
+    assert list(sim.stats.reference_images) == [first, second] * 2  # both parts, in order, exact bytes
     rows = metadata(tmp_path / "out")
     assert [(r["width"], r["height"]) for r in rows] == [(640, 480)] * 2  # no aspect ratio: input size
     assert {r["aspect_ratio"] for r in rows} == {None} and not any(r["aspect_ratio_mismatch"] for r in rows)

@@ -187,11 +187,11 @@ def test_healthcheck_pings_start_and_result(tmp_path: Path, sim: Simulator) -> N
         tmp_path, [{"id": "a", "prompt": "x"}], healthcheck_url=f"{sim.base_url[:-3]}/hc/job"
     )
     assert run("run", manifest) == 0
-    assert sim.stats.pings == ["job/start", "job"]
+    assert list(sim.stats.pings) == ["job/start", "job"]
     sim.config.refuse_words = ("y",)
     write_manifest(tmp_path, [{"id": "b", "prompt": "y"}], healthcheck_url=f"{sim.base_url[:-3]}/hc/job")
     assert run("run", manifest) == 1
-    assert sim.stats.pings[-2:] == ["job/start", "job/fail"]
+    assert list(sim.stats.pings)[-2:] == ["job/start", "job/fail"]
 
 
 def test_an_unreachable_healthcheck_never_fails_the_run(tmp_path: Path, sim: Simulator) -> None:

@@ -1,0 +1,87 @@
+"""`pipeline simulate` as users meet it: the key it expects, official SDKs as clients, bounded memory."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.simulator import SimConfig, Simulator
+from tests.conftest import KEY, PYTHON, run, write_manifest
+
+
+@contextmanager
+def simulate(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """`pipeline simulate` on a free loopback port: (its first line, its base URL); stopped by pid."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "pipeline", "simulate", "--port", "0", "--latency", "0", "--jitter", "0", *args],
+        stdout=subprocess.PIPE, text=True, env=env if env is not None else os.environ.copy(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"IMAGE_API_BASE_URL=(\S+)", line)
+        assert match, line
+        yield line, match.group(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+
+
+def _openai_image(base_url: str, key: str, ratio: str) -> tuple[int, int]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=key, max_retries=0)
+    reply = client.chat.completions.create(
+        model="gemini-2.5-flash-image",
+        messages=[{"role": "user", "content": "a lighthouse at dusk"}],
+        extra_body={"extra_body": {"google": {"image_config": {"aspect_ratio": ratio}}}},
+    )
+    content = reply.choices[0].message.content or ""
+    url = re.search(r"\]\((\S+)\)", content)
+    assert url, content
+    with urllib.request.urlopen(url.group(1), timeout=10) as resp:  # noqa: S310 (our loopback simulator)
+        data = resp.read()
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+@pytest.mark.slow
+def test_simulate_takes_the_exported_key_and_says_so() -> None:
+    env = {**os.environ, "IMAGE_API_KEY": "sk-mine-123"}
+    with simulate(env=env) as (line, base_url):
+        assert "$IMAGE_API_KEY" in line and "sk-mine-123" not in line, line
+        assert _openai_image(base_url, "sk-mine-123", "16:9") == (1344, 768)
+
+
+@pytest.mark.slow
+def test_simulate_key_flag_wins_and_default_is_printed() -> None:
+    env = {**os.environ, "IMAGE_API_KEY": "sk-mine-123"}
+    with simulate("--key", "flag-key", env=env) as (line, base_url):
+        assert "--key" in line and "flag-key" not in line, line
+        assert _openai_image(base_url, "flag-key", "9:16") == (768, 1344)
+        from openai import AuthenticationError
+
+        with pytest.raises(AuthenticationError):
+            _openai_image(base_url, "sk-mine-123", "1:1")
+    env.pop("IMAGE_API_KEY")
+    with simulate(env=env) as (line, _):
+        assert "IMAGE_API_KEY=sim-key" in line, line
+
+
+def test_counters_per_prompt_stay_bounded(tmp_path: Path, sim: Simulator) -> None:
+    sim.reset(SimConfig(key=KEY, window=20, image_scale=8))
+    jobs = [{"id": "p{n}", "prompt": "prompt {n}", "matrix": {"n": list(range(60))}}]
+    assert run("run", write_manifest(tmp_path, jobs, concurrency=8)) == 0
+    assert sim.stats.requests == sim.stats.generations == 60
+    assert len(sim.stats.prompts) == len(sim.stats.request_times) == 20
+    assert set(sim.stats.prompts.values()) == {1}
