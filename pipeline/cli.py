@@ -118,14 +118,22 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _load(path: Path, quiet: bool = False) -> Manifest:
+    """The manifest, its warnings shown on stderr (unless quiet)."""
+    manifest = load_manifest(path)
+    for warning in [] if quiet else manifest.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return manifest
+
+
 def _validate(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+    manifest = _load(args.manifest)
     print(f"{args.manifest}: valid: {manifest.expanded_jobs} jobs, {manifest.total_items} items")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+    manifest = _load(args.manifest, quiet=args.quiet or args.log_format == "json")
     if args.concurrency:
         manifest = manifest.model_copy(update={"concurrency": args.concurrency})
     output = args.output or manifest.output_dir(args.manifest)
@@ -160,9 +168,10 @@ def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
     for label, note in PLAN_NOTES.items():
         print(f"  {label:<9}{plan.steps[label]:>9}  {note}".rstrip())
     print(f"  {'orphaned':<9}{plan.orphaned:>9}  in the output, no longer in the manifest (kept)")
+    price = f"${manifest.price_per_image}/image" if manifest.price_per_image is not None else "list prices"
     print(
         f"paid requests <= {plan.paid_requests}, about ${plan.cost:,.2f}"
-        f" at ${manifest.price_per_image}/image, about {_duration(plan.duration_s)}"
+        f" at {price}, about {_duration(plan.duration_s)}"
         f" at concurrency {manifest.concurrency} and {TYPICAL_LATENCY_S:.0f} s per image"
     )
     return 0

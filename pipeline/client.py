@@ -34,8 +34,10 @@ def request_body(item: Item, stream: bool = False, image_urls: list[str] | None 
         parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
         content = [{"type": "text", "text": item.prompt}, *parts]
     body: dict[str, Any] = {"model": item.model, "messages": [{"role": "user", "content": content}]}
-    if item.aspect_ratio:
-        body["extra_body"] = {"google": {"image_config": {"aspect_ratio": item.aspect_ratio}}}
+    config = {"aspect_ratio": item.aspect_ratio, "image_size": item.image_size}
+    config = {key: value for key, value in config.items() if value}
+    if config:
+        body["extra_body"] = {"google": {"image_config": config}}
     if stream:
         body["stream"] = True
     return body

@@ -31,11 +31,13 @@ from pydantic import (
 
 from pipeline.download import file_digest, inspect_image
 from pipeline.errors import ManifestError
-from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE
+from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE, IMAGE_SIZES, MODELS, SEED
 from pipeline.sources import SourceRow, decode_text, read_rows
 
 AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
+ImageSize = Literal["1K", "2K", "4K"]
+assert get_args(ImageSize) == IMAGE_SIZES
 
 MatrixValues = Annotated[list[str | int | float], Field(min_length=1)]
 Reference = Annotated[str, Field(min_length=1)]  # a reference image: a path or an http(s) URL
@@ -69,6 +71,7 @@ class Api(_Strict):
 
 class Defaults(_Strict):
     aspect_ratio: AspectRatio = "1:1"
+    image_size: ImageSize | None = None  # models that take one (gemini-3-pro-image-preview): 1K, 2K, 4K
     count: Annotated[int, Field(ge=1)] = 1
 
 
@@ -85,6 +88,7 @@ class Job(_Strict):
     id_field: Annotated[str, Field(min_length=1)] | None = None
     prompt_field: Annotated[str, Field(min_length=1)] | None = None
     aspect_ratio: AspectRatio | None = None
+    image_size: ImageSize | None = None
     count: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("prompt")
@@ -150,13 +154,14 @@ class Manifest(_Strict):
     requests_per_minute: Annotated[float, Field(gt=0)] | None = None
     max_requests: Annotated[int, Field(ge=1)] | None = None
     healthcheck_url: str | None = None
-    price_per_image: Annotated[float, Field(ge=0)] = 0.039  # USD, for --dry-run estimates
+    price_per_image: Annotated[float, Field(ge=0)] | None = None  # USD; default: the model's list price
     defaults: Defaults = Defaults()
     jobs: Annotated[list[Job], Field(min_length=1)]
     _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest
     _total: int = PrivateAttr(default=0)  # items, counted by the validation pass
     _prompts: int = PrivateAttr(default=0)  # jobs as expanded: one per prompt, matrix combination or row
     _places: list[int] | None = PrivateAttr(default=None)  # jobs[i] of each job, when some were dropped
+    _warnings: list[str] = PrivateAttr(default_factory=list)
     _image_hashes: dict[str, str] = PrivateAttr(default_factory=dict)  # reference file -> sha256
 
     @property
@@ -167,6 +172,11 @@ class Manifest(_Strict):
     def expanded_jobs(self) -> int:
         """Jobs as `status` and the report count them: one per prompt, matrix combination or row."""
         return self._prompts
+
+    @property
+    def warnings(self) -> list[str]:
+        """What is allowed but worth saying (an unknown model), for the CLI to show."""
+        return self._warnings
 
     def numbered_jobs(self) -> Iterator[tuple[int, Job]]:
         """(i, job) of `jobs[i]` in the manifest file."""
@@ -196,15 +206,25 @@ class Item:
     model: str
     fingerprint: str
     images: tuple[str, ...] = ()  # reference images: absolute file paths or http(s) URLs
+    image_size: str | None = None  # 1K, 2K or 4K for models that take one; None: the model's default
 
     @property
     def name(self) -> str:
         return f"{self.id}_{self.index}"
 
 
-def item_fingerprint(prompt: str, aspect_ratio: str | None, model: str, inputs: tuple[str, ...] = ()) -> str:
-    """`inputs`: what identifies each reference image (a file's sha256, or its URL)."""
+def item_fingerprint(
+    prompt: str,
+    aspect_ratio: str | None,
+    model: str,
+    inputs: tuple[str, ...] = (),
+    image_size: str | None = None,
+) -> str:
+    """`inputs`: what identifies each reference image (a file's sha256, or its URL). An image size is
+    added only when set, so items from before image sizes existed keep their fingerprints."""
     text = "\x1f".join((model, aspect_ratio or "", prompt, *inputs))
+    if image_size:
+        text += f"\x1fimage_size={image_size}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -218,18 +238,32 @@ def derive_id(prompt: str) -> str:
 def iter_items(manifest: Manifest) -> Iterator[Item]:
     """Every item of the manifest, in manifest order, one at a time (prompt files read lazily)."""
     model = manifest.api.model
-    for _, ident, prompt, ratio, count, images in _prompts(manifest):
-        inputs = tuple(manifest._image_hashes.get(ref, ref) for ref in images)
-        fingerprint = item_fingerprint(prompt, ratio, model, inputs)
-        for index in range(count):
-            yield Item(ident, index, prompt, ratio, model, fingerprint, images)
+    for prompt in _prompts(manifest):
+        inputs = tuple(manifest._image_hashes.get(ref, ref) for ref in prompt.images)
+        size = prompt.image_size
+        fingerprint = item_fingerprint(prompt.prompt, prompt.aspect_ratio, model, inputs, size)
+        for index in range(prompt.count):
+            yield Item(
+                prompt.id, index, prompt.prompt, prompt.aspect_ratio, model, fingerprint, prompt.images, size
+            )
 
 
-def _prompts(
-    manifest: Manifest, problems: list[str] | None = None
-) -> Iterator[tuple[str, str, str, str | None, int, tuple[str, ...]]]:
-    """(place, id, prompt, aspect ratio, count, reference images) of every prompt; rows with
-    problems are skipped (and described in `problems` when given)."""
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    """One expanded job: a prompt with its settings, and its place for error messages."""
+
+    place: str
+    id: str
+    prompt: str
+    aspect_ratio: str | None
+    image_size: str | None
+    count: int
+    images: tuple[str, ...]
+
+
+def _prompts(manifest: Manifest, problems: list[str] | None = None) -> Iterator[_Prompt]:
+    """Every prompt with its settings; rows with problems are skipped (and described in `problems`
+    when given)."""
     defaults = manifest.defaults
     default_ratio_set = "aspect_ratio" in defaults.model_fields_set
     for i, job in manifest.numbered_jobs():
@@ -237,10 +271,11 @@ def _prompts(
         # Without an aspect ratio of its own, an edit keeps its input's size (provider contract).
         keep_size = images and not default_ratio_set
         ratio = job.aspect_ratio or (None if keep_size else defaults.aspect_ratio)
+        size = job.image_size or defaults.image_size
         count = job.count or defaults.count
         if job.prompt is not None:
             for ident, prompt in expand_matrix(job):
-                yield f"jobs[{i}]", ident or derive_id(prompt), prompt, ratio, count, images
+                yield _Prompt(f"jobs[{i}]", ident or derive_id(prompt), prompt, ratio, size, count, images)
             continue
         path = manifest._base / str(job.prompts_file)
         if not path.is_file():
@@ -249,7 +284,9 @@ def _prompts(
             if isinstance(row, SourceRow):
                 ident = row.id or derive_id(row.prompt)
                 place = f"{path}: line {row.line}"
-                yield place, ident, row.prompt, row.aspect_ratio or ratio, row.count or count, ()
+                yield _Prompt(
+                    place, ident, row.prompt, row.aspect_ratio or ratio, size, row.count or count, ()
+                )
             elif problems is not None:
                 problems.append(f"{path}: {row}")
 
@@ -288,6 +325,7 @@ def load_manifest(path: Path) -> Manifest:
         problems = [_problem(path, lines, _loc(e["loc"]), _describe(e)) for e in exc.errors()]
         manifest = _salvage(data)
     manifest._base = path.parent
+    problems += _check_model(manifest, path, lines)
     problems += _check_files(manifest, path, lines)
     if not problems or len(problems) < MAX_PROBLEMS:
         problems += _check_prompts(manifest, path, lines, MAX_PROBLEMS - len(problems))
@@ -312,6 +350,38 @@ def _salvage(data: dict[str, Any]) -> Manifest:
     manifest = Manifest.model_construct(**fields)
     manifest._places = places
     return manifest
+
+
+def _check_model(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
+    """Aspect ratios and image sizes the model offers (presets table); an unknown model is a warning.
+
+    Prompt-file rows may set only an aspect ratio, and every model in the table offers all ten.
+    """
+    model = manifest.api.model
+    spec = MODELS.get(model)
+    if spec is None:
+        manifest._warnings.append(
+            f"{path}: api.model: {model} is not in the table of known models ({', '.join(MODELS)}):"
+            f" its images are not size-checked, and priced at ${SEED.price(None)}"
+            " unless price_per_image is set"
+        )
+        return []
+    problems: dict[str, str] = {}  # place -> problem, each once
+    settings: list[tuple[str, str | None, str | None]] = [
+        ("defaults", manifest.defaults.aspect_ratio, manifest.defaults.image_size)
+    ]
+    settings += [(f"jobs[{i}]", job.aspect_ratio, job.image_size) for i, job in manifest.numbered_jobs()]
+    for place, ratio, size in settings:
+        if size is not None and size not in spec.image_sizes:
+            takes = [name for name, other in MODELS.items() if other.image_sizes]
+            problems[f"{place}.image_size"] = (
+                f'"{size}": {model} takes no image_size (only {", ".join(takes)} do)'
+                if not spec.image_sizes
+                else f'"{size}" is not one of {", ".join(spec.image_sizes)} for {model}'
+            )
+        elif ratio is not None and spec.size(ratio, size) is None:
+            problems[f"{place}.aspect_ratio"] = f'"{ratio}" is not offered by {model}'
+    return [_problem(path, lines, place, text) for place, text in problems.items()]
 
 
 def _check_files(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
@@ -370,8 +440,9 @@ def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int], limit:
     try:
         seen.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT) WITHOUT ROWID")
         seen.execute("BEGIN")
-        for place, ident, prompt, _, count, _ in _prompts(manifest, problems):
-            manifest._total += count
+        for expanded in _prompts(manifest, problems):
+            place, ident, prompt = expanded.place, expanded.id, expanded.prompt
+            manifest._total += expanded.count
             manifest._prompts += 1
             if not ID_RE.fullmatch(ident):
                 problems.append(_problem(path, lines, f"{place}.id", f'"{ident}" {ID_RULE}'))
@@ -476,7 +547,7 @@ def _describe(error: Any) -> str:
     if kind == "missing":
         return "is required"
     if kind == "literal_error":
-        allowed = ", ".join(f'"{r}"' for r in ASPECT_RATIOS)
+        allowed = ", ".join(f'"{r}"' for r in (IMAGE_SIZES if last == "image_size" else ASPECT_RATIOS))
         hint = " (quote it: YAML reads 16:9 unquoted as a number)" if isinstance(value, int) else ""
         return f"{_show(value)} is not one of {allowed}{hint}"
     if kind == "string_pattern_mismatch" and last == "id":

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.errors import PERMANENT_KINDS
 from pipeline.manifest import Item, Manifest, iter_items
+from pipeline.presets import list_price
 from pipeline.state import Row, State
 
 TYPICAL_LATENCY_S = 15.0  # a generation takes 5-15 s as documented, 8-30 s in real traffic
@@ -67,16 +68,12 @@ class Preview:
     steps: Counter[str] = field(default_factory=Counter)  # new, changed, done, failed, retry, ...
     orphaned: int = 0  # recorded in the output but no longer in the manifest
     concurrency: int = 1
-    price_per_image: float = 0.0
+    cost: float = 0.0  # USD, of the paid requests at most
 
     @property
     def paid_requests(self) -> int:
         """At most this many generations (found files and fresh URLs may save some)."""
-        return sum(self.steps[s] for s in ("new", "changed", "retry", "resume"))
-
-    @property
-    def cost(self) -> float:
-        return self.paid_requests * self.price_per_image
+        return sum(self.steps[s] for s in PAID)
 
     @property
     def duration_s(self) -> float:
@@ -91,19 +88,30 @@ class Preview:
 
 
 LABELS = ("new", "changed", "done", "failed", "retry", "download", "resume")
+PAID = ("new", "changed", "retry", "resume")
 
 
 def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
-    result = Preview(concurrency=manifest.concurrency, price_per_image=manifest.price_per_image)
+    result = Preview(concurrency=manifest.concurrency)
     path = output / "state.db"
     with State(path, readonly=True) if path.exists() else contextlib.nullcontext() as state:
         matched = 0
         for item, row, step in plan_items(manifest, state, output, retry_failed):
             result.items += 1
             matched += row is not None
-            result.steps[_label(item, row, step)] += 1
+            label = _label(item, row, step)
+            result.steps[label] += 1
+            if label in PAID:
+                result.cost += price_of(manifest, item)
         result.orphaned = (state.count_rows() if state else 0) - matched
     return result
+
+
+def price_of(manifest: Manifest, item: Item) -> float:
+    """USD for one generation: `price_per_image` when set, else the model's list price."""
+    if manifest.price_per_image is not None:
+        return manifest.price_per_image
+    return list_price(item.model, item.image_size)
 
 
 def _label(item: Item, row: Row | None, step: Step) -> str:

@@ -47,7 +47,7 @@ from pipeline.lock import OutputLock
 from pipeline.manifest import Item, Manifest
 from pipeline.metrics import Histogram
 from pipeline.plan import Step, plan_items
-from pipeline.presets import ASPECT_RATIOS
+from pipeline.presets import expected_size
 from pipeline.secret import Secret
 from pipeline.state import Row, State
 
@@ -401,7 +401,7 @@ class Runner:
 
     async def _finish(self, item: Item, stored: StoredImage, old_file: str | None) -> None:
         """Record the image; report it only once that record is durable."""
-        expected = ASPECT_RATIOS.get(item.aspect_ratio or "")  # None: an edit keeps its input's size
+        expected = expected_size(item.model, item.aspect_ratio, item.image_size)
         mismatch = expected is not None and expected != (stored.width, stored.height)
         self._state.record_done(item, _metadata(item, stored, mismatch))
         await self._durable()
@@ -411,7 +411,8 @@ class Runner:
         self.summary.done += 1
         if mismatch and expected:
             self.summary.warnings += 1
-            wanted = f"{item.aspect_ratio} ({expected[0]}x{expected[1]})"
+            wanted = f"{item.aspect_ratio}{f' at {item.image_size}' if item.image_size else ''}"
+            wanted += f" ({expected[0]}x{expected[1]})"
             self._emit("warning", item, f"got {stored.width}x{stored.height}, asked {wanted}")
         self._emit("done", item, stored.file)
 
@@ -438,7 +439,8 @@ class Runner:
 def _metadata(item: Item, stored: StoredImage, mismatch: bool) -> dict[str, Any]:
     return {
         "file_name": stored.file, "id": item.id, "index": item.index, "prompt": item.prompt,
-        "aspect_ratio": item.aspect_ratio, "model": item.model, "width": stored.width,
+        "aspect_ratio": item.aspect_ratio, "image_size": item.image_size, "model": item.model,
+        "width": stored.width,
         "height": stored.height, "sha256": stored.sha256, "bytes": stored.bytes,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "aspect_ratio_mismatch": mismatch,

@@ -29,9 +29,7 @@ from aiohttp import web
 from PIL import Image, ImageDraw
 
 from pipeline.extract import decode_data_uri
-from pipeline.presets import ASPECT_RATIOS
-
-MODELS = {"gemini-2.5-flash-image", "gemini-2.5-flash-image-preview"}
+from pipeline.presets import MODELS, SEED
 
 
 class BoundedCounter(Counter[str]):
@@ -183,10 +181,11 @@ class Simulator:
             )
         try:
             body = await request.json()
-            prompt, ratio, inputs = _parse_request(body)
+            asked = _parse_request(body)
         except ValueError as exc:
             echo = f" (sent with {request.headers['Authorization']})" if c.echo_auth else ""
             return _error(400, f"{exc}{echo}", "invalid_request_error", None)
+        prompt, ratio, inputs = asked.prompt, asked.aspect_ratio, asked.inputs
         nth = self._asked[f"{prompt}\x1f{ratio}"]
         self._asked[f"{prompt}\x1f{ratio}"] += 1
         rng = random.Random(f"{c.seed}\x1f{prompt}\x1f{ratio}\x1f{nth}")
@@ -219,7 +218,11 @@ class Simulator:
         token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
         expires = time.time() - 1 if fault == "expired" else None
         self.stats.reference_images.extend(hashlib.sha256(data).hexdigest() for data in inputs)
-        size = self._size(ratio) if ratio or not inputs else _image_size(inputs[0])
+        size = (
+            self._size(ratio, asked.model, asked.image_size)
+            if ratio or not inputs
+            else _image_size(inputs[0])
+        )
         return await _send(request, self._image_reply(size, token, expires), stream)
 
     async def _healthcheck(self, request: web.Request) -> web.Response:
@@ -308,8 +311,12 @@ class Simulator:
         via = "/r" if self.config.shape == "redirect" else ""
         return f"{self.image_origin}{via}{path}?Expires={exp}&Signature={signature}"
 
-    def _size(self, ratio: str | None) -> tuple[int, int]:
-        width, height = ASPECT_RATIOS["1:1" if self.config.ignore_aspect_ratio or not ratio else ratio]
+    def _size(
+        self, ratio: str | None, model: str = "gemini-2.5-flash-image", image_size: str | None = None
+    ) -> tuple[int, int]:
+        spec = MODELS[model]
+        ratio = "1:1" if self.config.ignore_aspect_ratio or not ratio else ratio
+        width, height = spec.size(ratio, image_size if image_size in spec.sizes else None) or (1024, 1024)
         return width // self.config.image_scale, height // self.config.image_scale
 
     async def _redirect(self, request: web.Request) -> web.Response:
@@ -357,13 +364,24 @@ class Simulator:
         return web.Response(body=png, content_type="image/png")
 
 
-def _parse_request(body: Any) -> tuple[str, str | None, list[bytes]]:
-    """(prompt, aspect ratio, input images) of a request body, or ValueError saying what a
-    gateway would."""
+@dataclass(frozen=True)
+class _Asked:
+    """What a generation request asks for, whatever its protocol."""
+
+    model: str
+    prompt: str
+    aspect_ratio: str | None
+    image_size: str | None
+    inputs: list[bytes]
+
+
+def _parse_request(body: Any) -> _Asked:
+    """What a chat-completions request body asks for, or ValueError saying what a gateway would."""
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
-    if body.get("model") not in MODELS:
-        raise ValueError(f"model {body.get('model')!r} is not served here")
+    model = body.get("model")
+    if model not in MODELS:
+        raise ValueError(f"model {model!r} is not served here")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
         raise ValueError("messages must be a non-empty list")
@@ -381,10 +399,20 @@ def _parse_request(body: Any) -> tuple[str, str | None, list[bytes]]:
     google = (body.get("extra_body") or {}).get("google") or {}
     if "imageConfig" in google:
         raise ValueError("unknown field imageConfig: use image_config")
-    ratio = (google.get("image_config") or {}).get("aspect_ratio")
-    if ratio is not None and ratio not in ASPECT_RATIOS:
+    config = google.get("image_config") or {}
+    return _Asked(
+        model, content, *_image_config(model, config.get("aspect_ratio"), config.get("image_size")), inputs
+    )
+
+
+def _image_config(model: str, ratio: Any, image_size: Any) -> tuple[str | None, str | None]:
+    """The aspect ratio and image size asked for, as the model takes them (ValueError if it does not)."""
+    spec = MODELS[model]
+    if ratio is not None and ratio not in SEED.sizes[None]:
         raise ValueError(f"invalid aspect_ratio {ratio!r}")
-    return content, ratio, inputs
+    if spec.image_sizes and image_size is not None and image_size not in spec.image_sizes:
+        raise ValueError(f"invalid image_size {image_size!r}: one of {', '.join(spec.image_sizes)}")
+    return ratio, image_size if spec.image_sizes else None  # a model without sizes ignores it
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
