@@ -52,7 +52,7 @@ def classify(
 ) -> list[str] | ItemError:
     """Images found, or the error this reply amounts to."""
     text = body.decode("utf-8", "replace").strip()
-    return classify_data(status, headers, _json(text), text, now)
+    return classify_data(status, headers, parse_json(text), text, now)
 
 
 def classify_data(
@@ -64,12 +64,12 @@ def classify_data(
     if error is not None:
         return _from_error(status, error, retry_after)
     if status >= 300 or data is None:
-        return _from_status(status, _describe_body(status, text), retry_after)
+        return _from_status(status, describe_body(status, text), retry_after)
     images = extract_images(data)
-    return images or _no_image(data)
+    return images or no_image(data)
 
 
-def _json(text: str) -> Any:
+def parse_json(text: str) -> Any:
     if not text.startswith(("{", "[")):
         return None
     try:
@@ -125,19 +125,19 @@ def _message(error: dict[str, Any]) -> str:
         if error.get(key) not in (None, ""):
             parts.append(f"{key}={error[key]}")
     text = " ".join(p for p in parts if p) or "error with no message"
-    return _clip(text)
+    return clip(text)
 
 
-def _describe_body(status: int, text: str) -> str:
+def describe_body(status: int, text: str) -> str:
     if not text:
         return f"HTTP {status} with an empty body"
     if text.startswith("<") or "<html" in text[:200].lower():
         title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
-        return _clip(f"HTTP {status} HTML page" + (f": {title.group(1)}" if title else ""))
-    return _clip(f"HTTP {status}: {text}")
+        return clip(f"HTTP {status} HTML page" + (f": {title.group(1)}" if title else ""))
+    return clip(f"HTTP {status}: {text}")
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
     """One line, bounded, without control characters (no terminal escapes from a provider), keeping
     any `(request id: ...)` even when the rest is cut."""
     text = " ".join(CONTROL.sub(" ", text).split())
@@ -147,7 +147,7 @@ def _clip(text: str) -> str:
     return text[: MAX_MESSAGE - 60] + "..." + (f" {request_id.group(0)}" if request_id else "")
 
 
-def _no_image(data: Any) -> ItemError:
+def no_image(data: Any) -> ItemError:
     reasons = finish_reasons(data)
     refused = [r for r in reasons if r.lower() in REFUSAL_REASONS]
     if refused:
@@ -156,7 +156,7 @@ def _no_image(data: Any) -> ItemError:
     if said.strip() in REFUSAL_PLACEHOLDERS:
         return RefusalError(f"refused by the provider (placeholder reply {said.strip()!r})")
     detail = f" (finish_reason {', '.join(reasons)})" if reasons else ""
-    return NoImageError(_clip(f"reply has no image{detail}" + (f": {said}" if said else "")))
+    return NoImageError(clip(f"reply has no image{detail}" + (f": {said}" if said else "")))
 
 
 def finish_reasons(data: Any) -> list[str]:
@@ -213,3 +213,27 @@ def gemini_retry_delay(error: dict[str, Any]) -> float | None:
 def backoff_delay(attempt: int, rng: random.Random, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
     return rng.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+
+def rate_headers(headers: dict[str, str]) -> tuple[int | None, float | None]:
+    """OpenAI-style `x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests` ("1s", "6m0s",
+    "20ms"): requests left in the window and seconds until it resets; None where absent or unreadable."""
+    remaining_text = headers.get("x-ratelimit-remaining-requests", "").strip()
+    remaining = int(remaining_text) if remaining_text.isdigit() else None
+    return remaining, parse_duration(headers.get("x-ratelimit-reset-requests"))
+
+
+def parse_duration(value: str | None) -> float | None:
+    """A Go-style duration (`1m30.5s`, `20ms`, `2h`) or plain seconds, in seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return None
+    return sum(float(number) * units[unit] for number, unit in parts)

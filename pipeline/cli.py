@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from pipeline.errors import ManifestError, OutputLockedError
 from pipeline.export import export_webdataset
-from pipeline.manifest import Manifest, json_schema, load_manifest
+from pipeline.manifest import Manifest, ProviderSpec, json_schema, load_manifest
 from pipeline.plan import TYPICAL_LATENCY_S, preview
 from pipeline.report import write_report
-from pipeline.runner import Event, Runner, RunOptions, Summary
+from pipeline.runner import Endpoint, Event, Runner, RunOptions, Summary
 from pipeline.secret import Secret
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.state import State
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--grace-s", type=_seconds, default=30.0, help="on a stop, time for in-flight work")
     run.add_argument("--quiet", action="store_true", help="print only the summary and errors")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument(
+        "--provider", action="append", metavar="NAME", help="use only this provider (repeatable)"
+    )
     run.add_argument("--simulate", action="store_true", help="use the built-in provider simulator")
     run.add_argument("--sim-latency", type=float, default=0.0, metavar="SECONDS")
     run.set_defaults(command=_run)
@@ -141,10 +144,8 @@ def _run(args: argparse.Namespace) -> int:
         return _dry_run(args, manifest, output)
     if args.simulate:
         return asyncio.run(_run_simulated(args, manifest, output))
-    base_url, key = _provider(args.manifest, manifest)
-    return asyncio.run(
-        _run_with(args, manifest, output, RunOptions(base_url, key, **_budget(args, manifest)))
-    )
+    endpoints = _endpoints(args.manifest, manifest, args.provider)
+    return asyncio.run(_run_with(args, manifest, output, RunOptions(endpoints, **_budget(args, manifest))))
 
 
 PLAN_NOTES = {
@@ -196,8 +197,9 @@ def _status(args: argparse.Namespace) -> int:
     output = _output_of(args.target)
     with State(output / "state.db", readonly=True) as state:
         counts, last = state.counts(), state.last_run()
+    providers = ((last or {}).get("summary") or {}).get("providers") or {}
     if args.json:
-        print(json.dumps({"output": str(output), **counts, "last_run": last}))
+        print(json.dumps({"output": str(output), **counts, "providers": providers, "last_run": last}))
         return 0
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["failed_by_reason"].items()))
     print(f"{output}: {counts['items']} items recorded")
@@ -210,6 +212,8 @@ def _status(args: argparse.Namespace) -> int:
             else "still running or killed"
         )
         print(f"last run #{last['run']}: started {last['started_at']}, {ended}")
+    for name, figures in providers.items():
+        print(format_provider(name, figures))
     return 0
 
 
@@ -220,21 +224,39 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provider(source: Path, manifest: Manifest) -> tuple[str, Secret]:
-    """The API's base URL and key, from the manifest and the environment, or every problem."""
-    problems = []
-    base_url = manifest.api.base_url or os.environ.get("IMAGE_API_BASE_URL", "")
-    if not base_url:
-        problems.append(f"{source}: api.base_url: not set, and IMAGE_API_BASE_URL is empty")
-    key = os.environ.get(manifest.api.api_key_env, "")
-    if not key:
-        problems.append(
-            f"{source}: api.api_key_env: environment variable {manifest.api.api_key_env} is not set"
-            " (or use --simulate)"
-        )
+def _endpoints(source: Path, manifest: Manifest, chosen: list[str] | None) -> list[Endpoint]:
+    """The providers to use, each with its base URL and key from the manifest and the environment,
+    or every problem at once."""
+    problems, endpoints = [], []
+    for i, spec in _chosen(manifest, chosen):
+        place = "api" if not manifest.providers else f"providers[{i}]"
+        base_url = spec.default_base_url or os.environ.get("IMAGE_API_BASE_URL", "")
+        if not base_url:
+            problems.append(f"{source}: {place}.base_url: not set, and IMAGE_API_BASE_URL is empty")
+        key = os.environ.get(spec.key_env, "")
+        if not key:
+            problems.append(
+                f"{source}: {place}.api_key_env: environment variable {spec.key_env} is not set"
+                " (or use --simulate)"
+            )
+        endpoints.append(Endpoint(spec, base_url.rstrip("/"), Secret(key)))
     if problems:
         raise ManifestError(problems)
-    return base_url.rstrip("/"), Secret(key)
+    return endpoints
+
+
+def _chosen(manifest: Manifest, chosen: list[str] | None) -> list[tuple[int, ProviderSpec]]:
+    """The providers `--provider` names (all when it is not given)."""
+    pool = list(enumerate(manifest.pool()))
+    if not chosen:
+        return pool
+    names = [spec.name for _, spec in pool]
+    unknown = [name for name in chosen if name not in names]
+    if unknown:
+        raise ManifestError(
+            [f"--provider {name}: no such provider (the manifest has {', '.join(names)})" for name in unknown]
+        )
+    return [(i, spec) for i, spec in pool if spec.name in chosen]
 
 
 def _budget(args: argparse.Namespace, manifest: Manifest) -> dict[str, Any]:
@@ -251,9 +273,11 @@ async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: P
     simulator = Simulator(SimConfig(key=key, latency_s=args.sim_latency, jitter_s=args.sim_latency / 2))
     await simulator.start()
     try:
-        return await _run_with(
-            args, manifest, output, RunOptions(simulator.base_url, Secret(key), **_budget(args, manifest))
-        )
+        endpoints = [
+            Endpoint(spec, simulator.origin if spec.protocol == "gemini" else simulator.base_url, Secret(key))
+            for _, spec in _chosen(manifest, args.provider)
+        ]
+        return await _run_with(args, manifest, output, RunOptions(endpoints, **_budget(args, manifest)))
     finally:
         await simulator.stop()
 
@@ -303,11 +327,15 @@ class _Display:
             self._bar = tqdm(total=summary.total, unit="img", dynamic_ncols=True, file=self._out)
 
     def event(self, event: Event) -> None:
-        if event.kind in ("failed", "warning"):
+        if event.kind.startswith("provider_"):
+            what = "disabled for the rest of the run" if event.kind == "provider_disabled" else "down"
+            self._emit(event.kind, f"warning: provider {event.provider} {what}: {event.message}", always=True,
+                       err=True, provider=event.provider, message=event.message)  # fmt: skip
+        elif event.kind in ("failed", "warning"):
             self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", err=True,
                        always=event.kind == "failed", item=event.item, message=event.message)  # fmt: skip
         elif event.kind == "done" and self._json:
-            self._emit("item_done", "", item=event.item, file=event.message)
+            self._emit("item_done", "", item=event.item, file=event.message, provider=event.provider or None)
 
     def note(self, text: str) -> None:
         self._emit("note", text, always=True, err=True, message=text)
@@ -363,6 +391,8 @@ def format_summary(summary: Summary, output: Path) -> str:
         f"warnings {summary.warnings}, elapsed {summary.elapsed_s:.1f}s",
         f"output: {output}/ (images/, metadata.jsonl, failures.jsonl)",
     ]
+    if len(summary.providers) > 1 or any(p["disabled"] for p in summary.providers.values()):
+        lines[-1:-1] = [format_provider(name, figures) for name, figures in summary.providers.items()]
     if summary.storage:
         lines.insert(0, f"stopped: cannot write the output: {summary.storage}")
     elif summary.fatal:
@@ -370,6 +400,16 @@ def format_summary(summary: Summary, output: Path) -> str:
     elif summary.stopped:
         lines.insert(0, f"stopped early: {summary.stopped}; rerun the same command to finish")
     return "\n".join(lines)
+
+
+def format_provider(name: str, figures: dict[str, Any]) -> str:
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(figures["errors"].items()))
+    text = (
+        f"  {name}: requests {figures['requests']}, images {figures['images']},"
+        f" refusals {figures['refusals']}, ${figures['cost_usd']:.2f}"
+    )
+    text += f", errors: {errors}" if errors else ""
+    return text + (f"; DISABLED: {figures['disabled']}" if figures["disabled"] else "")
 
 
 def _simulator_key(flag: str | None) -> tuple[str, str]:

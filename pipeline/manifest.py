@@ -69,6 +69,38 @@ class Api(_Strict):
     _http = field_validator("base_url")(lambda value: _http_url(value))
 
 
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
+DEFAULT_KEY_ENV = {"openai-chat": "IMAGE_API_KEY", "gemini": "GEMINI_API_KEY"}
+
+
+class ProviderSpec(_Strict):
+    """One endpoint and key of the pool: an OpenAI-compatible gateway or Google's native API."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,40}$")]
+    protocol: Literal["openai-chat", "gemini"] = "openai-chat"
+    base_url: str | None = None  # openai-chat: env IMAGE_API_BASE_URL; gemini: Google's endpoint
+    api_key_env: EnvName | None = None  # default: IMAGE_API_KEY (openai-chat), GEMINI_API_KEY (gemini)
+    model: Annotated[str, Field(min_length=1)] | None = None  # this provider's name for the model
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 8  # most requests in flight to this provider
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    price_per_image: Annotated[float, Field(ge=0)] | None = None  # USD; default: the manifest's
+    priority: Annotated[int, Field(ge=0)] = 1  # lower is used first; equal priorities share the load
+    timeout_s: Annotated[float, Field(gt=0)] = 180.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    stream: bool = False  # openai-chat only: ask for server-sent events
+
+    _http = field_validator("base_url")(lambda value: _http_url(value))
+
+    @property
+    def key_env(self) -> str:
+        return self.api_key_env or DEFAULT_KEY_ENV[self.protocol]
+
+    @property
+    def default_base_url(self) -> str | None:
+        return self.base_url or (GEMINI_BASE_URL if self.protocol == "gemini" else None)
+
+
 class Defaults(_Strict):
     aspect_ratio: AspectRatio = "1:1"
     image_size: ImageSize | None = None  # models that take one (gemini-3-pro-image-preview): 1K, 2K, 4K
@@ -143,8 +175,10 @@ def expand_matrix(job: Job) -> Iterator[tuple[str | None, str]]:
 class Manifest(_Strict):
     name: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
     output: Annotated[str, Field(min_length=1)] | None = None
-    api: Api = Api()
-    concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
+    api: Api = Api()  # one provider, named `default`; or:
+    providers: Annotated[list[ProviderSpec], Field(min_length=1)] | None = None
+    model: Annotated[str, Field(min_length=1)] | None = None  # the items' model (default: the providers')
+    concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None  # default: 8, or the providers' sum
     download_concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
     backoff_base_s: Annotated[float, Field(gt=0)] = 1.0
@@ -188,10 +222,41 @@ class Manifest(_Strict):
         return Path(self.output) if self.output else Path("output") / (self.name or source.stem)
 
     @property
+    def generation_limit(self) -> int:
+        """Generation requests in flight at most, over the whole pool."""
+        if self.concurrency is not None:
+            return self.concurrency
+        return sum(p.concurrency for p in self.providers) if self.providers else 8
+
+    @property
     def items_in_flight(self) -> int:
         """Items being generated or downloaded at once: the downloads allowed in flight, and never
-        fewer than `concurrency`."""
-        return max(self.download_concurrency or 2 * self.concurrency, self.concurrency)
+        fewer than the generation limit."""
+        limit = self.generation_limit
+        return max(self.download_concurrency or 2 * limit, limit)
+
+    @property
+    def item_model(self) -> str:
+        """The model in every item's fingerprint: the same through any provider of the pool."""
+        if self.model:
+            return self.model
+        if self.providers:
+            return self.providers[0].model or Api().model
+        return self.api.model
+
+    def pool(self) -> list[ProviderSpec]:
+        """The providers: `providers:`, or `api:` as one provider named `default`."""
+        if self.providers:
+            return list(self.providers)
+        api = self.api
+        return [
+            ProviderSpec(
+                name="default", base_url=api.base_url, api_key_env=api.api_key_env, model=api.model,
+                concurrency=min(self.generation_limit, 1024), timeout_s=api.timeout_s,
+                connect_timeout_s=api.connect_timeout_s, stream=api.stream,
+                price_per_image=self.price_per_image, requests_per_minute=self.requests_per_minute,
+            )
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +302,7 @@ def derive_id(prompt: str) -> str:
 
 def iter_items(manifest: Manifest) -> Iterator[Item]:
     """Every item of the manifest, in manifest order, one at a time (prompt files read lazily)."""
-    model = manifest.api.model
+    model = manifest.item_model
     for prompt in _prompts(manifest):
         inputs = tuple(manifest._image_hashes.get(ref, ref) for ref in prompt.images)
         size = prompt.image_size
@@ -325,6 +390,7 @@ def load_manifest(path: Path) -> Manifest:
         problems = [_problem(path, lines, _loc(e["loc"]), _describe(e)) for e in exc.errors()]
         manifest = _salvage(data)
     manifest._base = path.parent
+    problems += _check_providers(manifest, data, path, lines)
     problems += _check_model(manifest, path, lines)
     problems += _check_files(manifest, path, lines)
     if not problems or len(problems) < MAX_PROBLEMS:
@@ -352,16 +418,35 @@ def _salvage(data: dict[str, Any]) -> Manifest:
     return manifest
 
 
+def _check_providers(
+    manifest: Manifest, data: dict[str, Any], path: Path, lines: dict[str, int]
+) -> list[str]:
+    """`api:` or `providers:`, not both; provider names unique; `stream` only where it means something."""
+    problems = []
+    if "api" in data and "providers" in data:
+        problems.append(_problem(path, lines, "providers", "a manifest has `api:` or `providers:`, not both"))
+    seen: dict[str, int] = {}
+    for i, provider in enumerate(manifest.providers or []):
+        if provider.name in seen:
+            text = f'"{provider.name}" is also the name of providers[{seen[provider.name]}]'
+            problems.append(_problem(path, lines, f"providers[{i}].name", text))
+        seen.setdefault(provider.name, i)
+        if provider.stream and provider.protocol != "openai-chat":
+            problems.append(_problem(path, lines, f"providers[{i}].stream", "only for protocol openai-chat"))
+    return problems
+
+
 def _check_model(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
     """Aspect ratios and image sizes the model offers (presets table); an unknown model is a warning.
 
     Prompt-file rows may set only an aspect ratio, and every model in the table offers all ten.
     """
-    model = manifest.api.model
+    model = manifest.item_model
     spec = MODELS.get(model)
     if spec is None:
+        place = "model" if manifest.model else "providers[0].model" if manifest.providers else "api.model"
         manifest._warnings.append(
-            f"{path}: api.model: {model} is not in the table of known models ({', '.join(MODELS)}):"
+            f"{path}: {place}: {model} is not in the table of known models ({', '.join(MODELS)}):"
             f" its images are not size-checked, and priced at ${SEED.price(None)}"
             " unless price_per_image is set"
         )

@@ -92,7 +92,7 @@ PAID = ("new", "changed", "retry", "resume")
 
 
 def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
-    result = Preview(concurrency=manifest.concurrency)
+    result = Preview(concurrency=manifest.generation_limit)
     path = output / "state.db"
     with State(path, readonly=True) if path.exists() else contextlib.nullcontext() as state:
         matched = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import shutil
 import sqlite3
 import time
@@ -29,7 +28,6 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 
 from pipeline.classify import backoff_delay
-from pipeline.client import Client
 from pipeline.dataset import write_dataset
 from pipeline.download import EXTENSIONS, Downloader, StoredImage, file_digest, fsync_path, inspect_image
 from pipeline.errors import (
@@ -37,31 +35,38 @@ from pipeline.errors import (
     FatalError,
     ItemError,
     NoImageError,
-    PermanentError,
     StorageError,
     UrlGoneError,
 )
 from pipeline.healthcheck import ping
-from pipeline.limiter import AdaptiveLimiter
 from pipeline.lock import OutputLock
-from pipeline.manifest import Item, Manifest
+from pipeline.manifest import Item, Manifest, ProviderSpec
 from pipeline.metrics import Histogram
 from pipeline.plan import Step, plan_items
 from pipeline.presets import expected_size
+from pipeline.providers import connect
+from pipeline.providers.pool import Member, Pool
 from pipeline.secret import Secret
 from pipeline.state import Row, State
 
 STORAGE_ERRORS = (StorageError, sqlite3.Error)
 DOWNLOAD_TRIES = 3
 YIELD_EVERY = 256  # planning items that need nothing gives the event loop a turn this often
-SAME_ERROR_STOP = 10  # this many items in a row failing with one permanent error: a configuration problem
 MAX_PAUSE_S = 900.0  # a Retry-After longer than this is honoured as this
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class Endpoint:
+    """A provider of the pool, resolved: where it is and its key (from the environment)."""
+
+    spec: ProviderSpec
     base_url: str
     key: Secret
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    endpoints: list[Endpoint]
     retry_failed: bool = False
     max_requests: int | None = None
     max_duration_s: float | None = None
@@ -70,9 +75,10 @@ class RunOptions:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: str  # done | failed | retry | warning
-    item: str
+    kind: str  # done | failed | retry | warning | provider_disabled | provider_down
+    item: str  # "" for provider events
     message: str = ""
+    provider: str = ""
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Summary:
     storage: str | None = None  # the output could not be written
     signal: int | None = None
     download_wait: Histogram = field(default_factory=Histogram)  # URL received -> download started
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)  # figures by provider
 
     @property
     def remaining(self) -> int:
@@ -112,7 +119,7 @@ class Summary:
             "failed": dict(self.failed), "remaining": self.remaining, "requests": self.requests,
             "retries": dict(self.retries), "downloads": self.downloads, "warnings": self.warnings,
             "elapsed_s": round(self.elapsed_s, 3), "stopped": self.stopped, "fatal": self.fatal,
-            "storage": self.storage,
+            "storage": self.storage, "providers": self.providers,
             "download_wait_ms": {
                 "p50": self.download_wait.percentile(0.5), "p99": self.download_wait.percentile(0.99),
             },
@@ -134,12 +141,10 @@ class Runner:
         self.summary = Summary(total=manifest.total_items)
         self._on_event = on_event
         self._rng = random.Random()
-        self._limiter = AdaptiveLimiter(manifest.concurrency, manifest.backoff_base_s, manifest.backoff_cap_s)
-        rpm = manifest.requests_per_minute
+        rpm = manifest.requests_per_minute if manifest.providers else None  # else the default provider's
         self._rate = AsyncLimiter(1, 60.0 / rpm) if rpm else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._repeated: tuple[str, int] = ("", 0)  # the last permanent error, and items in a row
         self._next_commit: asyncio.Future[None] | None = None
         self._written = asyncio.Event()  # state writes await the committer
 
@@ -193,14 +198,10 @@ class Runner:
         limit = self.manifest.items_in_flight
         connector = aiohttp.TCPConnector(limit=limit + 4)
         async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
-            api = self.manifest.api
-            self._client = Client(
-                session, self.options.base_url, self.options.key,
-                timeout_s=api.timeout_s, connect_timeout_s=api.connect_timeout_s, stream=api.stream,
-            )  # fmt: skip
+            self._pool = self._build_pool(session)
             self._downloader = Downloader(
-                session, self.output,
-                max_bytes=int(self.manifest.download_max_mb * 1_000_000), timeout_s=api.timeout_s,
+                session, self.output, max_bytes=int(self.manifest.download_max_mb * 1_000_000),
+                timeout_s=max(e.spec.timeout_s for e in self.options.endpoints),
             )  # fmt: skip
             healthcheck = self.manifest.healthcheck_url
             await ping(session, healthcheck, "/start")
@@ -208,11 +209,28 @@ class Runner:
             try:
                 await self._feed(asyncio.Semaphore(limit))
             finally:
+                self.summary.providers = self._pool.stats()
                 for helper in helpers:
                     helper.cancel()
                 self._downloader.close()
                 self._commit()
                 await ping(session, healthcheck, "" if self.summary.exit_code == 0 else "/fail")
+
+    def _build_pool(self, session: aiohttp.ClientSession) -> Pool:
+        manifest = self.manifest
+        members = [
+            Member(
+                e.spec, connect(e.spec, session, e.base_url, e.key),
+                e.spec.price_per_image if e.spec.price_per_image is not None else manifest.price_per_image,
+                manifest.backoff_cap_s,
+            )
+            for e in self.options.endpoints
+        ]  # fmt: skip
+        return Pool(members, manifest.generation_limit, self._provider_event)
+
+    def _provider_event(self, kind: str, provider: str, message: str) -> None:
+        self.summary.warnings += 1
+        self._on_event(Event(kind, "", message, provider))
 
     async def _feed(self, slots: asyncio.Semaphore) -> None:
         async with asyncio.TaskGroup() as group:
@@ -285,7 +303,8 @@ class Runner:
 
     async def _work(self, item: Item, step: Step, row: Row | None) -> None:
         old_file = row.file if row else None
-        if step in (Step.DOWNLOAD, Step.ADOPT) and await self._adopt(item, old_file):
+        provider = row.provider if row else None  # who generated a recorded URL
+        if step in (Step.DOWNLOAD, Step.ADOPT) and await self._adopt(item, old_file, provider):
             return
         ref = row.url if step is Step.DOWNLOAD and row else None
         received_at = time.monotonic()
@@ -293,7 +312,7 @@ class Runner:
         while True:
             if ref is None:
                 try:
-                    ref = await self._generate(item)
+                    generated = await self._generate(item)
                 except ItemError as exc:
                     attempts += 1
                     delay = self._after_failure(item, exc, attempts)
@@ -301,11 +320,13 @@ class Runner:
                         return
                     await self._pause(delay)
                     continue
-                if ref is None:
+                if generated is None:
                     return  # the run is stopping; the item stays resumable
+                ref, provider = generated
                 attempts += 1
                 received_at = time.monotonic()
-                self._state.record_generated(item, ref if not ref.startswith("data:") else None, attempts)
+                url = ref if not ref.startswith("data:") else None
+                self._state.record_generated(item, url, attempts, provider)
                 self._written.set()  # a paid URL: commit it now, without waiting for it
             try:
                 stored = await self._download(item, ref, received_at)
@@ -317,7 +338,7 @@ class Runner:
                     continue
                 self._fail(item, exc, attempts)
                 return
-            await self._finish(item, stored, old_file)
+            await self._finish(item, stored, old_file, provider)
             return
 
     async def _pause(self, seconds: float) -> None:
@@ -326,27 +347,25 @@ class Runner:
             await asyncio.wait_for(self._stopping.wait(), min(seconds, MAX_PAUSE_S))
 
     def _may_send(self) -> bool:
+        """Asked right before each paid request: counts it, unless the run may send no more."""
         budget = self.options.max_requests
         if budget is not None and self.summary.requests >= budget:
             self.stop("max_requests")
-        return not self._stopping.is_set()
+        if self._stopping.is_set():
+            return False
+        self.summary.requests += 1
+        return True
 
-    async def _generate(self, item: Item) -> str | None:
-        """One paid request: the first image reference, or None when the run may send no more."""
+    async def _generate(self, item: Item) -> tuple[str, str] | None:
+        """One paid request: the first image reference and the provider that made it, or None when the
+        run may send no more."""
         if self._rate:
             await self._rate.acquire()
-        async with self._limiter.slot() as granted_at:
-            if not self._may_send():
-                return None
-            self.summary.requests += 1
-            try:
-                refs = await self._client.generate(item)
-            except ItemError as exc:
-                if exc.kind == "rate_limited":
-                    self._limiter.throttled(granted_at, exc.retry_after)
-                raise
-        await self._limiter.succeeded()
-        return refs[0]
+        generated = await self._pool.generate(item, self._may_send)
+        if generated is None:
+            return None
+        result, provider = generated
+        return result.refs[0], provider
 
     def _after_failure(self, item: Item, exc: ItemError, attempts: int) -> float | None:
         """Seconds to wait before trying again, or None when the item is settled (or the run over)."""
@@ -358,6 +377,8 @@ class Runner:
         if (exc.retryable or retry_no_image) and attempts < self.manifest.max_attempts:
             self.summary.retries[exc.kind] += 1
             self._emit("retry", item, exc.message)
+            if exc.kind == "rate_limited":
+                return 0.0  # the provider's controller paces it (or another provider takes it)
             return exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
         self._fail(item, exc, attempts)
         return None
@@ -380,7 +401,7 @@ class Runner:
                 await asyncio.sleep(self._backoff(tries))
         raise AssertionError("unreachable")
 
-    async def _adopt(self, item: Item, old_file: str | None) -> bool:
+    async def _adopt(self, item: Item, old_file: str | None, provider: str | None) -> bool:
         """A file that landed before a crash lost its state write: verify it and take it."""
         recorded = self._state.image_sha256(item)  # the previous image, if any: not a new one
         # Exact names only: ids may hold dots, so a glob `<name>.*` could match another item's file.
@@ -395,17 +416,18 @@ class Runner:
                 path.unlink()
                 continue
             stored = StoredImage(f"images/{path.name}", digest, size, width, height)
-            await self._finish(item, stored, old_file)
+            await self._finish(item, stored, old_file, provider)
             return True
         return False
 
-    async def _finish(self, item: Item, stored: StoredImage, old_file: str | None) -> None:
+    async def _finish(
+        self, item: Item, stored: StoredImage, old_file: str | None, provider: str | None
+    ) -> None:
         """Record the image; report it only once that record is durable."""
         expected = expected_size(item.model, item.aspect_ratio, item.image_size)
         mismatch = expected is not None and expected != (stored.width, stored.height)
-        self._state.record_done(item, _metadata(item, stored, mismatch))
+        self._state.record_done(item, _metadata(item, stored, mismatch, provider))
         await self._durable()
-        self._repeated = ("", 0)
         if old_file and old_file != stored.file:
             (self.output / old_file).unlink(missing_ok=True)  # the image this one replaces
         self.summary.done += 1
@@ -414,34 +436,23 @@ class Runner:
             wanted = f"{item.aspect_ratio}{f' at {item.image_size}' if item.image_size else ''}"
             wanted += f" ({expected[0]}x{expected[1]})"
             self._emit("warning", item, f"got {stored.width}x{stored.height}, asked {wanted}")
-        self._emit("done", item, stored.file)
+        self._emit("done", item, stored.file, provider or "")
 
     def _fail(self, item: Item, exc: ItemError, attempts: int) -> None:
         self._state.record_failed(item, exc.kind, exc.message, attempts)
         self.summary.failed[exc.kind] += 1
         self._emit("failed", item, f"{exc.kind}: {exc.message}")
-        if type(exc) is PermanentError:
-            self._count_repeats(exc.message)
 
-    def _count_repeats(self, message: str) -> None:
-        """The same permanent error on item after item means a bad configuration: stop paying for it."""
-        key = re.sub(r"\(request id: [^)]*\)", "", message)
-        count = self._repeated[1] + 1 if self._repeated[0] == key else 1
-        self._repeated = (key, count)
-        if count >= SAME_ERROR_STOP and not self.summary.fatal:
-            self.summary.fatal = f"the same error on {count} items in a row: {message}"
-            self.stop("fatal")
-
-    def _emit(self, kind: str, item: Item, message: str = "") -> None:
-        self._on_event(Event(kind, item.name, message))
+    def _emit(self, kind: str, item: Item, message: str = "", provider: str = "") -> None:
+        self._on_event(Event(kind, item.name, message, provider))
 
 
-def _metadata(item: Item, stored: StoredImage, mismatch: bool) -> dict[str, Any]:
+def _metadata(item: Item, stored: StoredImage, mismatch: bool, provider: str | None) -> dict[str, Any]:
     return {
         "file_name": stored.file, "id": item.id, "index": item.index, "prompt": item.prompt,
         "aspect_ratio": item.aspect_ratio, "image_size": item.image_size, "model": item.model,
         "width": stored.width,
         "height": stored.height, "sha256": stored.sha256, "bytes": stored.bytes,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "aspect_ratio_mismatch": mismatch,
+        "aspect_ratio_mismatch": mismatch, "provider": provider,
     }  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.errors import ItemError
+
 
 class Secret:
     """Holds the key; `str()`, `repr()` and f-strings show `[secret]`, never the value."""
@@ -16,6 +18,12 @@ class Secret:
 
     def redact(self, text: str) -> str:
         return text.replace(self._value, "[secret]") if self._value else text
+
+    def scrub(self, error: ItemError) -> ItemError:
+        """The error with the key removed from its message (gateways that echo it back)."""
+        error.message = self.redact(error.message)
+        error.args = (error.message,)
+        return error
 
     def __repr__(self) -> str:
         return "Secret([secret])"

@@ -71,6 +71,10 @@ class SimConfig:
     quota_exhausted: bool = False  # every request: 429 insufficient_quota
     echo_auth: bool = False  # 400 errors quote the Authorization header back, as careless gateways do
     storm: tuple[float, float] | None = None  # every request 429s in this window (s after the first)
+    max_in_flight: int = 0  # a hidden cap: 429 (no Retry-After) while more requests than this are in flight
+    quota: int = 0  # at most this many requests per sliding `quota_window_s`; 429 with Retry-After/RetryInfo
+    quota_window_s: float = 60.0
+    rate_limit_headers: bool = False  # x-ratelimit-remaining-requests / -reset-requests on chat replies
     shape: str = (
         "markdown"  # markdown | markdown_data | bare_data | images | parts_base64 | native | redirect
     )
@@ -114,8 +118,10 @@ class Simulator:
         self._secret = random.randbytes(16)
         self._asked: Counter[str] = BoundedCounter(self.config.window)  # requests per prompt and ratio
         self._fetched: Counter[str] = BoundedCounter(self.config.window)  # downloads per image
+        self._window: deque[float] = deque()  # times of the requests let through, for `quota`
         self._runners: list[web.AppRunner] = []
-        self.base_url = ""
+        self.base_url = ""  # the OpenAI-compatible gateway: {origin}/v1
+        self.origin = ""  # Google's native API: {origin}/v1beta/models/...
         self.image_origin = ""
         self.cdn_origin = ""
 
@@ -126,10 +132,12 @@ class Simulator:
         self.image_origin, self.cdn_origin = await self._serve(image_app, host, image_port, 0)
         api_app = web.Application(client_max_size=64 * 1024 * 1024)
         api_app.router.add_post("/v1/chat/completions", self._chat)
+        for version in ("v1beta", "v1"):  # SDK 3.x says v1, Google's docs and SDK 2.x v1beta
+            api_app.router.add_post(f"/{version}/models/{{call}}", self._native)
         api_app.router.add_get("/_sim/stats", self._stats)
         api_app.router.add_get("/hc/{check:.*}", self._healthcheck)
-        [api_origin] = await self._serve(api_app, host, api_port)
-        self.base_url = api_origin + "/v1"
+        [self.origin] = await self._serve(api_app, host, api_port)
+        self.base_url = self.origin + "/v1"
 
     async def _serve(self, app: web.Application, host: str, *ports: int) -> list[str]:
         """Serve `app` on each port (0: any free one); the origins, in order."""
@@ -151,10 +159,20 @@ class Simulator:
         self.stats = SimStats(window=config.window)
         self._asked = BoundedCounter(config.window)
         self._fetched = BoundedCounter(config.window)
+        self._window.clear()
 
-    # The gateway
+    # The gateway: both protocols, one generation logic
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, OpenAIWire())
+
+    async def _native(self, request: web.Request) -> web.StreamResponse:
+        model, _, method = request.match_info["call"].partition(":")
+        if method != "generateContent":
+            return _google_error(404, "NOT_FOUND", f"method {method!r} is not served here")
+        return await self._counted(request, NativeWire(model))
+
+    async def _counted(self, request: web.Request, wire: Wire) -> web.StreamResponse:
         stats = self.stats
         stats.requests += 1
         stats.request_times.append(time.monotonic())
@@ -163,28 +181,31 @@ class Simulator:
         stats.in_flight += 1
         stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
         try:
-            response = await self._answer(request)
+            response = await self._answer(request, wire)
         finally:
             stats.in_flight -= 1
         stats.statuses[response.status] += 1
         return response
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, wire: Wire) -> web.StreamResponse:
         c = self.config
-        if request.headers.get("Authorization") != f"Bearer {c.key}":
-            return _error(
-                401, "Invalid token (request id: sim-auth)", "invalid_request_error", "invalid_api_key"
-            )
+        if not wire.authorized(request, c.key):
+            return wire.unauthorized(request)
+        if c.max_in_flight and self.stats.in_flight > c.max_in_flight:
+            self.stats.faults["over_cap"] += 1
+            return wire.throttled(None)
         if c.quota_exhausted:
-            return _error(
-                429, "上游负载已饱和 (request id: sim-quota)", "insufficient_quota", "insufficient_quota"
-            )
+            return wire.quota_exhausted()
+        wait, rate_headers = self._quota()
+        if wait is not None:
+            self.stats.faults["over_quota"] += 1
+            return wire.throttled(wait)
         try:
             body = await request.json()
-            asked = _parse_request(body)
+            asked = wire.parse(body)
         except ValueError as exc:
-            echo = f" (sent with {request.headers['Authorization']})" if c.echo_auth else ""
-            return _error(400, f"{exc}{echo}", "invalid_request_error", None)
+            echo = f" (sent with {request.headers.get('Authorization')})" if c.echo_auth else ""
+            return wire.bad_request(f"{exc}{echo}")
         prompt, ratio, inputs = asked.prompt, asked.aspect_ratio, asked.inputs
         nth = self._asked[f"{prompt}\x1f{ratio}"]
         self._asked[f"{prompt}\x1f{ratio}"] += 1
@@ -196,23 +217,19 @@ class Simulator:
             request.transport.close()
             return web.Response(status=499)
         if fault in ("429", "429ra"):
-            reply = _error(429, "上游负载已饱和 (request id: sim-429)", "rate_limit_error", None)
-            if fault == "429ra":
-                reply.headers["Retry-After"] = str(c.retry_after_s)
-            return reply
+            return wire.throttled(c.retry_after_s if fault == "429ra" else None)
         await asyncio.sleep(c.hang_s if fault == "hang" else self._latency(rng))
-        if fault == "500":
-            status = rng.choice((500, 502, 503))
-            page = f"<html><head><title>{status} Bad Gateway</title></head><body>nginx</body></html>"
-            return web.Response(status=status, text=page, content_type="text/html")
+        if fault == "500" or (fault == "error200" and isinstance(wire, NativeWire)):
+            return wire.server_error(rng.choice((500, 502, 503)))
         stream = body.get("stream") is True
         if fault == "error200":
             error = {"error": {"message": "upstream error (request id: sim-200)", "type": "upstream_error"}}
             return await _send(request, [error], stream)
-        if fault == "refusal" or any(w in prompt for w in c.refuse_words):
-            return await _send(request, [_completion("I can't help with that.", "content_filter")], stream)
+        blocked = any(w in prompt for w in c.refuse_words)
+        if fault == "refusal" or blocked:
+            return await wire.refused(request, stream, prompt_blocked=blocked)
         if fault == "no_image":
-            return await _send(request, [_completion("Here is a kitten, in words.", "stop")], stream)
+            return await wire.no_image(request, stream)
         self.stats.generations += 1
         self.stats.prompts[prompt] += 1
         token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
@@ -223,7 +240,32 @@ class Simulator:
             if ratio or not inputs
             else _image_size(inputs[0])
         )
-        return await _send(request, self._image_reply(size, token, expires), stream)
+        if isinstance(wire, NativeWire):
+            return web.json_response(_native_image(asked.model, render_png(*size, token)))
+        response = await _send(request, self._image_reply(size, token, expires), stream)
+        response.headers.update(rate_headers)
+        return response
+
+    def _quota(self) -> tuple[float | None, dict[str, str]]:
+        """Under a per-window quota: (None, rate-limit headers) for a request let through, or (seconds
+        until the window has room, {}) for one refused."""
+        c = self.config
+        if not c.quota:
+            return None, {}
+        now = time.monotonic()
+        while self._window and self._window[0] <= now - c.quota_window_s:
+            self._window.popleft()
+        if len(self._window) >= c.quota:
+            return round(self._window[0] + c.quota_window_s - now, 3), {}
+        self._window.append(now)
+        if not c.rate_limit_headers:
+            return None, {}
+        reset = self._window[0] + c.quota_window_s - now
+        return None, {
+            "x-ratelimit-limit-requests": str(c.quota),
+            "x-ratelimit-remaining-requests": str(c.quota - len(self._window)),
+            "x-ratelimit-reset-requests": f"{reset:.3f}s",
+        }
 
     async def _healthcheck(self, request: web.Request) -> web.Response:
         self.stats.pings.append(request.match_info["check"])
@@ -413,6 +455,161 @@ def _image_config(model: str, ratio: Any, image_size: Any) -> tuple[str | None, 
     if spec.image_sizes and image_size is not None and image_size not in spec.image_sizes:
         raise ValueError(f"invalid image_size {image_size!r}: one of {', '.join(spec.image_sizes)}")
     return ratio, image_size if spec.image_sizes else None  # a model without sizes ignores it
+
+
+def _parse_native(model: str, body: Any) -> _Asked:
+    """What a native generateContent body asks for (either casing), or ValueError as Google says it."""
+    if model not in MODELS:
+        raise ValueError(f"models/{model} is not found")
+    if not isinstance(body, dict):
+        raise ValueError("Invalid JSON payload received.")
+    unknown = set(body) - NATIVE_FIELDS
+    if unknown:
+        raise ValueError(f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r}")
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents or not isinstance(contents[-1], dict):
+        raise ValueError("contents must be a non-empty list")
+    texts, inputs = [], []
+    for part in contents[-1].get("parts") or []:
+        inline = part.get("inlineData") or part.get("inline_data") if isinstance(part, dict) else None
+        if isinstance(inline, dict):
+            inputs.append(_lenient_base64(str(inline.get("data", ""))))
+        elif isinstance(part, dict) and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+    if not "".join(texts).strip():
+        raise ValueError("the request has no text")
+    config = body.get("generationConfig") or body.get("generation_config") or {}
+    modalities = config.get("responseModalities") or config.get("response_modalities") or []
+    if any(m not in ("TEXT", "IMAGE") for m in modalities):
+        raise ValueError(f"invalid responseModalities {modalities!r}")
+    image = config.get("imageConfig") or config.get("image_config") or {}
+    ratio = image.get("aspectRatio") or image.get("aspect_ratio")
+    size = image.get("imageSize") or image.get("image_size")
+    return _Asked(model, " ".join(texts), *_image_config(model, ratio, size), inputs)
+
+
+NATIVE_FIELDS = {
+    "contents", "generationConfig", "generation_config", "safetySettings", "safety_settings",
+    "systemInstruction", "system_instruction", "tools", "toolConfig", "tool_config", "cachedContent",
+}  # fmt: skip
+
+
+def _lenient_base64(data: str) -> bytes:
+    """Either alphabet, with or without padding (the SDK sends URL-safe base64)."""
+    try:
+        return base64.b64decode(
+            data.replace("-", "+").replace("_", "/") + "=" * (-len(data) % 4), validate=True
+        )
+    except ValueError as exc:
+        raise ValueError("inlineData.data is not base64") from exc
+
+
+class OpenAIWire:
+    """The OpenAI-compatible gateway's side of the wire: its auth, bodies and errors."""
+
+    def authorized(self, request: web.Request, key: str) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {key}"
+
+    def unauthorized(self, request: web.Request) -> web.Response:
+        return _error(401, "Invalid token (request id: sim-auth)", "invalid_request_error", "invalid_api_key")
+
+    def throttled(self, wait: float | None) -> web.Response:
+        reply = _error(429, "上游负载已饱和 (request id: sim-429)", "rate_limit_error", None)
+        if wait is not None:
+            reply.headers["Retry-After"] = f"{wait:g}"
+        return reply
+
+    def quota_exhausted(self) -> web.Response:
+        return _error(
+            429, "上游负载已饱和 (request id: sim-quota)", "insufficient_quota", "insufficient_quota"
+        )
+
+    def parse(self, body: Any) -> _Asked:
+        return _parse_request(body)
+
+    def bad_request(self, message: str) -> web.Response:
+        return _error(400, message, "invalid_request_error", None)
+
+    def server_error(self, status: int) -> web.Response:
+        page = f"<html><head><title>{status} Bad Gateway</title></head><body>nginx</body></html>"
+        return web.Response(status=status, text=page, content_type="text/html")
+
+    async def refused(self, request: web.Request, stream: bool, prompt_blocked: bool) -> web.StreamResponse:
+        return await _send(request, [_completion("I can't help with that.", "content_filter")], stream)
+
+    async def no_image(self, request: web.Request, stream: bool) -> web.StreamResponse:
+        return await _send(request, [_completion("Here is a kitten, in words.", "stop")], stream)
+
+
+class NativeWire:
+    """Google's side of the wire (generateContent): `x-goog-api-key` (or `?key=`), camelCase replies,
+    refusals on HTTP 200, errors with `status` and `details`."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def authorized(self, request: web.Request, key: str) -> bool:
+        return (request.headers.get("x-goog-api-key") or request.query.get("key")) == key
+
+    def unauthorized(self, request: web.Request) -> web.Response:
+        if not (request.headers.get("x-goog-api-key") or request.query.get("key")):
+            return _google_error(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers.")
+        reason = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+        return _google_error(
+            400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", [reason]
+        )
+
+    def throttled(self, wait: float | None) -> web.Response:
+        details = [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel"}]},
+        ]  # fmt: skip
+        if wait is not None:
+            details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:g}s"})
+        return _google_error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota.", details)
+
+    def quota_exhausted(self) -> web.Response:
+        return _google_error(429, "RESOURCE_EXHAUSTED", "Your prepayment credits are depleted.")
+
+    def parse(self, body: Any) -> _Asked:
+        return _parse_native(self.model, body)
+
+    def bad_request(self, message: str) -> web.Response:
+        if "is not found" in message:
+            return _google_error(404, "NOT_FOUND", message)
+        return _google_error(400, "INVALID_ARGUMENT", message)
+
+    def server_error(self, status: int) -> web.Response:
+        name = {500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE"}[status]
+        return _google_error(status, name, "The model is overloaded. Please try again later.")
+
+    async def refused(self, request: web.Request, stream: bool, prompt_blocked: bool) -> web.StreamResponse:
+        if prompt_blocked:
+            return web.json_response({"promptFeedback": {"blockReason": "SAFETY"}})
+        candidate = {"content": {}, "finishReason": "IMAGE_SAFETY", "finishMessage": "blocked", "index": 0}
+        return web.json_response({"candidates": [candidate]})
+
+    async def no_image(self, request: web.Request, stream: bool) -> web.StreamResponse:
+        return web.json_response({"candidates": [{"content": {}, "finishReason": "NO_IMAGE", "index": 0}]})
+
+
+Wire = OpenAIWire | NativeWire
+
+
+def _native_image(model: str, png: bytes) -> dict[str, Any]:
+    part = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}}
+    candidate = {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}
+    usage = {"promptTokenCount": 16, "candidatesTokenCount": 1290, "totalTokenCount": 1306}
+    return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model}
+
+
+def _google_error(
+    status: int, name: str, message: str, details: list[dict[str, Any]] | None = None
+) -> web.Response:
+    error: dict[str, Any] = {"code": status, "message": message, "status": name}
+    if details:
+        error["details"] = details
+    return web.json_response({"error": error}, status=status)
 
 
 def _image_size(data: bytes) -> tuple[int, int]:

@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS items (
     id TEXT NOT NULL, idx INTEGER NOT NULL, fp TEXT NOT NULL, status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, url TEXT, url_at REAL,
     error_type TEXT, message TEXT, prompt TEXT NOT NULL,
-    image TEXT, image_fp TEXT, file TEXT, updated_at REAL NOT NULL,
+    image TEXT, image_fp TEXT, file TEXT, updated_at REAL NOT NULL, provider TEXT,
     PRIMARY KEY (id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
@@ -48,17 +48,24 @@ class Row:
     error_type: str | None
     image_fp: str | None
     file: str | None  # the image's path relative to the output folder
+    provider: str | None  # who generated the recorded URL or image
 
 
 class State:
     def __init__(self, path: Path, readonly: bool = False) -> None:
+        self._provider = "provider"
         if readonly:
             self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            if not any(row[1] == "provider" for row in self._db.execute("PRAGMA table_info(items)")):
+                self._provider = "NULL"  # a state written before providers existed, read as it is
             return
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
+        if "provider" not in columns:  # a state written before providers existed
+            self._db.execute("ALTER TABLE items ADD COLUMN provider TEXT")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -99,8 +106,8 @@ class State:
 
     def get(self, item: Item) -> Row | None:
         found = self._db.execute(
-            "SELECT fp, status, attempts, url, url_at, error_type, image_fp, file"
-            " FROM items WHERE id = ? AND idx = ?",
+            "SELECT fp, status, attempts, url, url_at, error_type, image_fp, file, "  # noqa: S608 (a column name)
+            f"{self._provider} FROM items WHERE id = ? AND idx = ?",
             (item.id, item.index),
         ).fetchone()
         return Row(*found) if found else None
@@ -121,10 +128,10 @@ class State:
             (item.id, item.index, *fields.values()),
         )
 
-    def record_generated(self, item: Item, url: str | None, attempts: int) -> None:
+    def record_generated(self, item: Item, url: str | None, attempts: int, provider: str) -> None:
         self._upsert(
             item, status="url", url=url, url_at=time.time(), attempts=attempts,
-            error_type=None, message=None,
+            error_type=None, message=None, provider=provider,
         )  # fmt: skip
 
     def record_done(self, item: Item, metadata: dict[str, Any]) -> None:

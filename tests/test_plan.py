@@ -20,7 +20,7 @@ NOW, TTL = 10_000.0, 3600.0
 
 def row(status: str, fp: str = FP, image_fp: str | None = None, url: str | None = None,
         url_at: float | None = None, error: str | None = None) -> Row:  # fmt: skip
-    return Row(fp, status, 1, url, url_at, error, image_fp, "images/a_0.png" if image_fp else None)
+    return Row(fp, status, 1, url, url_at, error, image_fp, "images/a_0.png" if image_fp else None, None)
 
 
 CASES = {

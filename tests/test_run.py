@@ -186,7 +186,10 @@ def test_bad_key_stops_the_run_with_exit_3(tmp_path: Path, sim: Simulator, monke
     assert run("run", manifest) == 3
     assert sim.stats.requests <= 4
     out = capsys.readouterr().out
-    assert "stopped: fatal provider error: Invalid token (request id: sim-auth)" in out
+    assert (
+        "stopped: fatal provider error: no provider left (default: Invalid token (request id: sim-auth)"
+        in out
+    )
     assert failures(tmp_path / "out") == []  # nothing is recorded as failed: all items resumable
     monkeypatch.setenv("IMAGE_API_KEY", KEY)
     assert run("run", manifest) == 0

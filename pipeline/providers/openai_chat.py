@@ -1,7 +1,9 @@
-"""The chat-completions client: one paid generation request per call, its reply classified.
+"""The OpenAI-compatible chat-completions protocol: one paid generation request per call, its reply
+classified (`pipeline.classify`, provider contract sections 1 and 2).
 
-aiohttp's exceptions become the pipeline's errors here and nowhere else. The API key goes only into
-the `Authorization` header of requests to `base_url`; redirects from the API are not followed.
+aiohttp's exceptions become the pipeline's errors here and in the other protocols, nowhere else. The
+API key goes only into the `Authorization` header of requests to `base_url`; redirects from the API
+are not followed.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.classify import classify, classify_data
+from pipeline.classify import classify, classify_data, rate_headers
 from pipeline.errors import ItemError, NoImageError, RetryableError
-from pipeline.manifest import Item
+from pipeline.manifest import Item, ProviderSpec
+from pipeline.providers import Generated
 from pipeline.secret import Secret
 from pipeline.sse import assemble_stream
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 
-def request_body(item: Item, stream: bool = False, image_urls: list[str] | None = None) -> dict[str, Any]:
+def request_body(
+    item: Item, stream: bool = False, image_urls: list[str] | None = None, model: str | None = None
+) -> dict[str, Any]:
     """The body of provider contract section 1, `extra_body` as a literal top-level key.
 
     Reference images go as OpenAI-style content parts after the text; without an aspect ratio
@@ -33,7 +38,7 @@ def request_body(item: Item, stream: bool = False, image_urls: list[str] | None 
     if image_urls:
         parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
         content = [{"type": "text", "text": item.prompt}, *parts]
-    body: dict[str, Any] = {"model": item.model, "messages": [{"role": "user", "content": content}]}
+    body: dict[str, Any] = {"model": model or item.model, "messages": [{"role": "user", "content": content}]}
     config = {"aspect_ratio": item.aspect_ratio, "image_size": item.image_size}
     config = {key: value for key, value in config.items() if value}
     if config:
@@ -50,51 +55,30 @@ def reference_data_uri(path: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-class Client:
+class OpenAIChatClient:
     def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        base_url: str,
-        key: Secret,
-        *,
-        timeout_s: float,
-        connect_timeout_s: float,
-        stream: bool = False,
+        self, session: aiohttp.ClientSession, base_url: str, key: Secret, spec: ProviderSpec
     ) -> None:
         self._session = session
-        self._stream = stream
+        self._stream = spec.stream
+        self._model = spec.model
         self._references: dict[str, str] = {}
         self._url = f"{base_url.rstrip('/')}/chat/completions"
         self._key = key
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeout_s + connect_timeout_s, sock_connect=connect_timeout_s, sock_read=timeout_s
-        )
+        self._timeout = request_timeout(spec)
 
-    async def generate(self, item: Item) -> list[str]:
+    async def generate(self, item: Item) -> Generated:
         """The image references of one generation, or raise the ItemError the reply amounts to."""
         headers = {"Authorization": f"Bearer {self._key.reveal()}"}
         urls = [await self._reference(ref) for ref in item.images]
-        try:
-            async with self._session.post(
-                self._url,
-                json=request_body(item, self._stream, urls),
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                body = await _read_capped(resp)
-                status, reply_headers = resp.status, {k.lower(): v for k, v in resp.headers.items()}
-        except TimeoutError as exc:
-            raise RetryableError("generation request timed out", kind="timeout") from exc
-        except aiohttp.ClientError as exc:
-            reason = self._key.redact(str(exc) or type(exc).__name__)
-            raise RetryableError(f"connection failed: {reason}", kind="network") from exc
-        outcome = self._classify(status, reply_headers, body)
+        body = request_body(item, self._stream, urls, self._model)
+        status, reply_headers, reply = await post(
+            self._session, self._url, body, headers, self._timeout, self._key
+        )
+        outcome = self._classify(status, reply_headers, reply)
         if isinstance(outcome, ItemError):
-            outcome.message = self._key.redact(outcome.message)
-            outcome.args = (outcome.message,)
-            raise outcome
-        return outcome
+            raise self._key.scrub(outcome)
+        return Generated(outcome, *rate_headers(reply_headers))
 
     async def _reference(self, ref: str) -> str:
         """An image reference as sent: a URL as is, a file as a data: URI read once per run."""
@@ -112,6 +96,38 @@ class Client:
         if isinstance(outcome, NoImageError) and not complete:
             return RetryableError("the event stream ended early", kind="server_error")
         return outcome
+
+
+def request_timeout(spec: ProviderSpec) -> aiohttp.ClientTimeout:
+    """Connect and read timeouts of their own: a generation may take minutes, a connect may not."""
+    return aiohttp.ClientTimeout(
+        total=spec.timeout_s + spec.connect_timeout_s,
+        sock_connect=spec.connect_timeout_s,
+        sock_read=spec.timeout_s,
+    )
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    limits: aiohttp.ClientTimeout,
+    key: Secret,
+) -> tuple[int, dict[str, str], bytes]:
+    """One JSON POST: its status, lower-cased headers and body (capped); transport failures as
+    RetryableError (timeouts and connection errors), never with the key in them."""
+    try:
+        async with session.post(
+            url, json=body, headers=headers, timeout=limits, allow_redirects=False
+        ) as resp:
+            data = await _read_capped(resp)
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, data
+    except TimeoutError as exc:
+        raise RetryableError("generation request timed out", kind="timeout") from exc
+    except aiohttp.ClientError as exc:
+        reason = key.redact(str(exc) or type(exc).__name__)
+        raise RetryableError(f"connection failed: {reason}", kind="network") from exc
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:

@@ -1,0 +1,132 @@
+"""How many requests one provider may have in flight, and when it may be sent nothing at all.
+
+`Controller` finds the concurrency a provider accepts and stays there. The configured `concurrency`
+is its ceiling; it starts low and adds one slot per success (TCP's slow start) until the provider
+first refuses. Like TCP CUBIC, it then remembers where it was cut, `ceiling`, and plateaus there,
+probing one slot above it only after a long run of successes at the ceiling, so the refusals that
+probing costs stay a small share of the requests. Unlike CUBIC it cuts to the exact point of
+refusal instead of a fixed fraction: a 429 for a request that was the n-th in flight says the
+provider accepts fewer than n, so the ceiling becomes n - 1. That is what a relay's hidden per-key
+in-flight cap looks like, and it converges in one step instead of AIMD's saw-tooth (which averages
+about three quarters of the cap). Netflix's Vegas and Gradient2 limiters read rising latency
+instead; image generation latency varies 5-30 s by itself, so a refusal is the clearer signal here.
+
+A refusal at a level that has already succeeded (a random 429, not a cap) only lowers that
+confidence: it takes two refusals at one level without a success between to cut there.
+
+A 429 that says when to come back (`Retry-After`, Gemini's `retryDelay`) pauses the provider until
+then and leaves the limit alone: that is a rate quota, not a concurrency cap. Rate-limit headers on
+successful replies (`x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests`) pause it before
+the quota runs out. 429s in a row without a success pause it briefly, doubling, so a provider that
+refuses everything is not hammered; a single one does not stall it.
+
+`Breaker` takes a provider out after several failures in a row (connection errors, timeouts, 5xx)
+for a cool-down that doubles each time it trips, then lets one probe request through before the
+provider gets its full share back.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = 4  # slow start begins with this many requests in flight (or the ceiling, when lower)
+PROBE_ROUNDS = 4  # successes at the ceiling, in multiples of the ceiling, before probing one above
+THROTTLE_PAUSE_S = 0.05  # the first pause after two 429s in a row; doubles with each further one
+BREAKER_FAILURES = 5  # failures in a row that take a provider out
+BREAKER_COOLDOWN_S = 2.0  # the first cool-down; doubles each time the breaker trips
+BREAKER_MAX_COOLDOWN_S = 240.0
+BREAKER_FORGET = 50  # successes in a row after which earlier trips are forgotten
+
+
+class Controller:
+    def __init__(self, maximum: int, pause_cap_s: float = 60.0) -> None:
+        self.maximum = maximum
+        self.ceiling = maximum  # where the provider last refused, less one (the configured ceiling at first)
+        self.limit = min(START, maximum)
+        self.in_flight = 0
+        self.resume_at = 0.0  # monotonic time before which nothing is sent
+        self._proven = 0  # the highest in-flight level that succeeded since the last cut
+        self._streak = 0  # successes at the ceiling since the last change
+        self._throttles = 0  # 429s in a row, without a success between
+        self._pause_cap = pause_cap_s
+        self._slow_start = True
+
+    def room(self, now: float) -> int:
+        """Requests that may be sent now."""
+        return 0 if now < self.resume_at else self.limit - self.in_flight
+
+    def sent(self) -> int:
+        """One more in flight; returns its level (1 = the only one), to hand back with its outcome."""
+        self.in_flight += 1
+        return self.in_flight
+
+    def done(self) -> None:
+        self.in_flight -= 1
+
+    def succeeded(self, level: int, remaining: int | None = None, reset_s: float | None = None) -> None:
+        self._throttles = 0
+        self._proven = max(self._proven, level)
+        if remaining is not None and reset_s is not None and remaining < self.in_flight:
+            self._pause(reset_s)  # the quota runs out with what is already in flight
+        if self._slow_start:
+            self.limit = min(self.ceiling, self.limit + 1)
+            self._slow_start = self.limit < self.ceiling
+            return
+        self._streak += 1
+        if self._streak >= PROBE_ROUNDS * self.ceiling and self.ceiling < self.maximum:
+            self.ceiling += 1
+            self.limit = self.ceiling
+            self._streak = 0
+
+    def throttled(self, level: int, retry_after: float | None) -> None:
+        """A 429 for the request sent at in-flight `level`."""
+        if retry_after is not None:
+            self._pause(retry_after)
+            return
+        self._throttles += 1
+        if self._throttles >= 2:
+            self._pause(min(self._pause_cap, THROTTLE_PAUSE_S * 2.0 ** min(self._throttles - 2, 30)))
+        if level > self._proven or level <= 1:
+            self.ceiling = max(1, min(self.ceiling, level - 1))
+            self.limit = min(self.limit, self.ceiling)
+            self._slow_start = False
+            self._streak = 0
+        else:
+            self._proven = level - 1  # refused where it had succeeded: once is noise, twice a cut
+
+    def _pause(self, seconds: float) -> None:
+        self.resume_at = max(self.resume_at, time.monotonic() + seconds)
+
+
+class Breaker:
+    def __init__(self) -> None:
+        self.open_until = 0.0
+        self.probing = False  # after a cool-down: one request decides
+        self._failures = 0
+        self._trips = 0
+        self._successes = 0
+
+    def allows(self, now: float, in_flight: int) -> bool:
+        if now < self.open_until:
+            return False
+        return not (self.probing and in_flight > 0)
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        self.probing = False
+        self._successes += 1
+        if self._successes >= BREAKER_FORGET:
+            self._trips = 0
+
+    def failed(self) -> float | None:
+        """A connection error, timeout or 5xx: the cool-down in seconds when this trips the breaker."""
+        self._failures += 1
+        self._successes = 0
+        if not (self.probing or self._failures >= BREAKER_FAILURES):
+            return None
+        cooldown = min(BREAKER_MAX_COOLDOWN_S, BREAKER_COOLDOWN_S * 2.0**self._trips)
+        self._trips += 1
+        self._failures = 0
+        self.open_until = time.monotonic() + cooldown
+        self.probing = True
+        return cooldown
