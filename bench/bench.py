@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,45 @@ def _fake_done(path: Path, output: Path) -> None:
             state.record_done(item, {"file_name": name, "sha256": "0", "bytes": 0})
 
 
+def _sim_stats(base_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{base_url.removesuffix('/v1')}/_sim/stats", timeout=10) as resp:  # noqa: S310
+        return dict(json.loads(resp.read()))
+
+
+def cap_efficiency(items: int, out: Path) -> dict[str, Any]:
+    """A provider that answers 429 above C requests in flight, C unknown to us; we allow 64."""
+    cap, latency = 16, 0.5
+    knobs = ("--latency", str(latency), "--jitter", "0.1", "--distinct-images", "64", "--image-scale", "4")
+    with SimProcess(*knobs, "--max-in-flight", str(cap)) as sim:
+        run = measured("run", manifest(_fresh(out / "cap"), items, 64), base_url=sim.base_url)
+        stats = _sim_stats(sim.base_url)
+    rate = run["result"]["done"] / run["result"]["elapsed_s"]
+    return {
+        "items": items, "cap": cap, "concurrency": 64, "items_per_s": round(rate, 1),
+        "efficiency": round(rate / (cap / latency), 3), "peak_in_flight": stats["peak_in_flight"],
+        "share_429": round(stats["statuses"].get("429", 0) / stats["requests"], 4), "exit": run["exit"],
+    }  # fmt: skip
+
+
+def quota_efficiency(items: int, out: Path) -> dict[str, Any]:
+    """A provider allowing R requests per sliding window W (600 a minute, as 100 per 10 s), 429 with
+    Retry-After above it. Efficiency: the least time the quota allows, (items / R - 1) * W, over
+    the time taken."""
+    quota, window = (100, 10.0) if items >= 300 else (20, 2.0)
+    knobs = ("--latency", "0.5", "--jitter", "0.1", "--distinct-images", "64", "--image-scale", "4")
+    with SimProcess(*knobs, "--quota", str(quota), "--quota-window", str(window)) as sim:
+        run = measured("run", manifest(_fresh(out / "quota"), items, 32), base_url=sim.base_url)
+        stats = _sim_stats(sim.base_url)
+    elapsed = run["result"]["elapsed_s"]
+    return {
+        "items": items, "quota": quota, "window_s": window,
+        "per_minute": round(run["result"]["done"] / elapsed * 60),
+        "quota_per_minute": round(quota * 60 / window),
+        "efficiency": round((items / quota - 1) * window / elapsed, 3),
+        "share_429": round(stats["statuses"].get("429", 0) / stats["requests"], 4), "exit": run["exit"],
+    }  # fmt: skip
+
+
 def _per_item(run: dict[str, Any], items: int) -> float:
     return round(run["cpu_s"] * 1000 / items, 2)
 
@@ -210,11 +250,17 @@ def main() -> None:
         "--out", type=Path, default=DEFAULT_OUT, help="working folder (default: output/bench)"
     )
     args = parser.parse_args()
-    sizes = ([200], [300], [1_000, 5_000]) if args.quick else ([3_000], [5_000], [10_000, 100_000, 1_000_000])
+    sizes = (
+        ([200], [300], [1_000, 5_000], [100], [60])
+        if args.quick
+        else ([3_000], [5_000], [10_000, 100_000, 1_000_000], [600], [600])
+    )
     report: dict[str, Any] = {}
     for name, scenario, size in (("latency_bound", latency_bound, sizes[0][0]),
                                  ("overhead_bound", overhead_bound, sizes[1][0]),
-                                 ("scale", scale, sizes[2])):  # fmt: skip
+                                 ("scale", scale, sizes[2]),
+                                 ("cap", cap_efficiency, sizes[3][0]),
+                                 ("quota", quota_efficiency, sizes[4][0])):  # fmt: skip
         if args.only and name not in args.only.split(","):
             continue
         report[name] = scenario(size, args.out)  # type: ignore[operator]
@@ -243,12 +289,20 @@ def render(report: dict[str, Any]) -> str:
         f"{ovh['download_wait_p99_ms']} ms (overhead)",
         "scale      items  fresh plan s  plan RSS MB  working RSS MB  done rerun s  rerun RSS MB",
     ]
+    cap, quota = report["cap"], report["quota"]
+    tail = [
+        f"cap efficiency    {cap['items']:>5} items  {cap['efficiency']} of {cap['cap']} in flight / latency,"
+        f" 429 share {cap['share_429']:.1%}, peak in flight {cap['peak_in_flight']}   target >= 0.9, <= 3%",
+        f"quota efficiency  {quota['items']:>5} items  {quota['efficiency']} of the quota's least time"
+        f" ({quota['per_minute']}/min, quota {quota['quota_per_minute']}/min),"
+        f" 429 share {quota['share_429']:.1%}   target >= 0.9",
+    ]
     for row in report["scale"]:
         lines.append(
             f"        {row['items']:>8}  {row['fresh_plan_s']:>12}  {row['fresh_plan_rss_mb']:>11}  "
             f"{row['working_run_rss_mb']:>14}  {row['done_rerun_s']:>12}  {row['done_rerun_rss_mb']:>12}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + tail)
 
 
 if __name__ == "__main__":

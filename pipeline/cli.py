@@ -101,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--image-scale", type=int, default=1, help="divide image sizes by this")
     sim.add_argument("--distinct-images", type=int, default=0, help="draw only N pictures (cheap)")
+    sim.add_argument(
+        "--max-in-flight", type=int, default=0, help="a hidden cap: 429 above N requests in flight"
+    )
+    sim.add_argument(
+        "--quota", type=int, default=0, help="at most N requests per --quota-window (429 + Retry-After)"
+    )
+    sim.add_argument("--quota-window", type=float, default=60.0, metavar="SECONDS")
+    sim.add_argument(
+        "--rate-limit-headers", action="store_true", dest="headers", help="send x-ratelimit-* headers"
+    )
     for fault in ("429", "429_retry_after", "500", "reset", "refusal", "truncate"):
         sim.add_argument(f"--rate-{fault.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{fault}")
     sim.set_defaults(command=_simulate)
@@ -428,13 +438,18 @@ def _simulate(args: argparse.Namespace) -> int:
     key, said = _simulator_key(args.key)
     config = SimConfig(
         key=key, latency_s=args.latency, jitter_s=args.jitter, seed=args.seed,
-        image_scale=args.image_scale, distinct_images=args.distinct_images, **rates,
+        image_scale=args.image_scale, distinct_images=args.distinct_images,
+        max_in_flight=args.max_in_flight, quota=args.quota, quota_window_s=args.quota_window,
+        rate_limit_headers=args.headers, **rates,
     )  # fmt: skip
 
     async def serve() -> None:
         simulator = Simulator(config)
         await simulator.start(args.host, args.port, args.image_port)
-        print(f"simulator: IMAGE_API_BASE_URL={simulator.base_url} {said}", flush=True)
+        print(
+            f"simulator: IMAGE_API_BASE_URL={simulator.base_url} {said}; native: {simulator.origin}",
+            flush=True,
+        )
         try:
             await asyncio.Event().wait()
         finally:

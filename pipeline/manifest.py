@@ -631,10 +631,12 @@ def _describe(error: Any) -> str:
         return "unknown key"
     if kind == "missing":
         return "is required"
-    if kind == "literal_error":
+    if kind == "literal_error" and last in ("aspect_ratio", "image_size"):
         allowed = ", ".join(f'"{r}"' for r in (IMAGE_SIZES if last == "image_size" else ASPECT_RATIOS))
         hint = " (quote it: YAML reads 16:9 unquoted as a number)" if isinstance(value, int) else ""
         return f"{_show(value)} is not one of {allowed}{hint}"
+    if kind == "literal_error":
+        return f"{_show(value)} is not one of {error['ctx']['expected']}"
     if kind == "string_pattern_mismatch" and last == "id":
         return f"{_show(value)} {ID_RULE}"
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -51,6 +51,7 @@ from pipeline.state import Row, State
 
 STORAGE_ERRORS = (StorageError, sqlite3.Error)
 DOWNLOAD_TRIES = 3
+THROTTLES_PER_ATTEMPT = 10  # 429s an item may meet per attempt it is allowed
 YIELD_EVERY = 256  # planning items that need nothing gives the event loop a turn this often
 MAX_PAUSE_S = 900.0  # a Retry-After longer than this is honoured as this
 
@@ -308,13 +309,20 @@ class Runner:
             return
         ref = row.url if step is Step.DOWNLOAD and row else None
         received_at = time.monotonic()
-        attempts = 0
+        attempts = throttles = 0
         while True:
             if ref is None:
                 try:
                     generated = await self._generate(item)
                 except ItemError as exc:
-                    attempts += 1
+                    # A 429 is not billed and its provider paces the next try: it costs no attempt,
+                    # up to a bound that still ends an item on a provider that never lets it through.
+                    throttled = (
+                        exc.kind == "rate_limited"
+                        and throttles < THROTTLES_PER_ATTEMPT * self.manifest.max_attempts
+                    )
+                    throttles += throttled
+                    attempts += not throttled
                     delay = self._after_failure(item, exc, attempts)
                     if delay is None:
                         return

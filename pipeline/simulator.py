@@ -96,6 +96,7 @@ class SimStats:
     image_requests: int = 0
     downloads: int = 0  # complete image bodies served
     image_auth_headers: int = 0  # requests to the image host that carried Authorization
+    key_in_url: int = 0  # native requests that carried the key as ?key= (the client never should)
     window: int = 100_000
     first_request_at: float | None = None  # time.monotonic() of the first request
     # The newest `window` of each (a long `pipeline simulate` session stays bounded):
@@ -189,6 +190,8 @@ class Simulator:
 
     async def _answer(self, request: web.Request, wire: Wire) -> web.StreamResponse:
         c = self.config
+        if "key" in request.query:
+            self.stats.key_in_url += 1
         if not wire.authorized(request, c.key):
             return wire.unauthorized(request)
         if c.max_in_flight and self.stats.in_flight > c.max_in_flight:

@@ -22,4 +22,10 @@ def test_bench_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert report["latency_bound"]["efficiency"] > 0 and report["overhead_bound"]["ratio_to_ceiling"] > 0
     assert [row["items"] for row in report["scale"]] == [1000, 5000]
     assert all(row["done_rerun_rss_mb"] > 10 for row in report["scale"])
-    assert "efficiency" in result.stdout and "of a bare client" in result.stdout
+    assert report["cap"]["exit"] == 0 and report["cap"]["peak_in_flight"] <= 64
+    assert report["quota"]["exit"] == 0 and report["quota"]["efficiency"] > 0
+    assert (
+        "efficiency" in result.stdout
+        and "of a bare client" in result.stdout
+        and "cap efficiency" in result.stdout
+    )

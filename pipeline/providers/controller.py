@@ -15,10 +15,13 @@ A refusal at a level that has already succeeded (a random 429, not a cap) only l
 confidence: it takes two refusals at one level without a success between to cut there.
 
 A 429 that says when to come back (`Retry-After`, Gemini's `retryDelay`) pauses the provider until
-then and leaves the limit alone: that is a rate quota, not a concurrency cap. Rate-limit headers on
-successful replies (`x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests`) pause it before
-the quota runs out. 429s in a row without a success pause it briefly, doubling, so a provider that
-refuses everything is not hammered; a single one does not stall it.
+then, and it comes back with one request and a slow start up to its ceiling, which it leaves alone:
+that is a rate quota, not a concurrency cap, and a sliding window frees its slots one by one.
+Rate-limit headers on successful replies (`x-ratelimit-remaining-requests`,
+`x-ratelimit-reset-requests`) give a budget for the window, less what is already in flight; once it
+is spent nothing more is sent until the window resets, so the quota is paced before it runs out.
+429s in a row without a success pause the provider briefly, doubling, so one that refuses
+everything is not hammered; a single one does not stall it.
 
 `Breaker` takes a provider out after several failures in a row (connection errors, timeouts, 5xx)
 for a cool-down that doubles each time it trips, then lets one probe request through before the
@@ -30,8 +33,9 @@ from __future__ import annotations
 import time
 
 START = 4  # slow start begins with this many requests in flight (or the ceiling, when lower)
-PROBE_ROUNDS = 4  # successes at the ceiling, in multiples of the ceiling, before probing one above
+PROBE_ROUNDS = 8  # successes at the ceiling, in multiples of the ceiling, before probing one above
 THROTTLE_PAUSE_S = 0.05  # the first pause after two 429s in a row; doubles with each further one
+PROBE_S = 1.0  # after a rate window resets, one request at a time for this long, until its reply tells
 BREAKER_FAILURES = 5  # failures in a row that take a provider out
 BREAKER_COOLDOWN_S = 2.0  # the first cool-down; doubles each time the breaker trips
 BREAKER_MAX_COOLDOWN_S = 240.0
@@ -50,14 +54,31 @@ class Controller:
         self._throttles = 0  # 429s in a row, without a success between
         self._pause_cap = pause_cap_s
         self._slow_start = True
+        self._budget: int | None = None  # requests left in the provider's rate window, by its headers
+        self._budget_until = 0.0  # when that window resets
 
     def room(self, now: float) -> int:
         """Requests that may be sent now."""
-        return 0 if now < self.resume_at else self.limit - self.in_flight
+        if now < self.resume_at:
+            return 0
+        if self._budget is not None and now >= self._budget_until:
+            # The window has moved on: one request finds out how far, before a burst that may not fit
+            # (a sliding window frees one slot at a time). Without news in a second, all bets are off.
+            probed = self._budget_until + PROBE_S > now
+            self._budget, self._budget_until = (1, self._budget_until + PROBE_S) if probed else (None, 0.0)
+        if self._budget is not None and self._budget <= 0:
+            return 0
+        return self.limit - self.in_flight
+
+    def wakes_at(self) -> float:
+        """When a pause, or an exhausted rate window, ends."""
+        return max(self.resume_at, self._budget_until if self._budget is not None else 0.0)
 
     def sent(self) -> int:
         """One more in flight; returns its level (1 = the only one), to hand back with its outcome."""
         self.in_flight += 1
+        if self._budget is not None:
+            self._budget -= 1
         return self.in_flight
 
     def done(self) -> None:
@@ -66,8 +87,10 @@ class Controller:
     def succeeded(self, level: int, remaining: int | None = None, reset_s: float | None = None) -> None:
         self._throttles = 0
         self._proven = max(self._proven, level)
-        if remaining is not None and reset_s is not None and remaining < self.in_flight:
-            self._pause(reset_s)  # the quota runs out with what is already in flight
+        if remaining is not None and reset_s is not None:
+            # What the window has left, less what is already on its way (counted or not, to be safe).
+            self._budget = remaining - (self.in_flight - 1)
+            self._budget_until = time.monotonic() + reset_s
         if self._slow_start:
             self.limit = min(self.ceiling, self.limit + 1)
             self._slow_start = self.limit < self.ceiling
@@ -80,8 +103,9 @@ class Controller:
 
     def throttled(self, level: int, retry_after: float | None) -> None:
         """A 429 for the request sent at in-flight `level`."""
-        if retry_after is not None:
+        if retry_after is not None:  # a rate quota: come back then, one request first, and ramp up
             self._pause(retry_after)
+            self.limit, self._slow_start = 1, True
             return
         self._throttles += 1
         if self._throttles >= 2:

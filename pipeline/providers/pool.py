@@ -80,7 +80,7 @@ class Member:
 
     def wakes_at(self, now: float) -> float | None:
         """When this provider may have room again without a request finishing, if it is waiting."""
-        times = [t for t in (self.controller.resume_at, self.breaker.open_until) if t > now]
+        times = [t for t in (self.controller.wakes_at(), self.breaker.open_until) if t > now]
         if self.rate is not None and not self.rate.has_capacity():
             times.append(now + RATE_POLL_S)
         return min(times) if times else None
