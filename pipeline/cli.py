@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline.errors import ManifestError, OutputLockedError
 from pipeline.export import export_webdataset
 from pipeline.manifest import Manifest, ProviderSpec, json_schema, load_manifest
-from pipeline.plan import TYPICAL_LATENCY_S, preview
+from pipeline.plan import TYPICAL_LATENCY_S, preferred_price, preview
 from pipeline.report import write_report
 from pipeline.runner import Endpoint, Event, Runner, RunOptions, Summary
 from pipeline.secret import Secret
@@ -179,10 +179,11 @@ def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
     for label, note in PLAN_NOTES.items():
         print(f"  {label:<9}{plan.steps[label]:>9}  {note}".rstrip())
     print(f"  {'orphaned':<9}{plan.orphaned:>9}  in the output, no longer in the manifest (kept)")
-    price = f"${manifest.price_per_image}/image" if manifest.price_per_image is not None else "list prices"
+    price = preferred_price(manifest)
+    price_text = f"${price}/image" if price is not None else "list prices"
     print(
         f"paid requests <= {plan.paid_requests}, about ${plan.cost:,.2f}"
-        f" at {price}, about {_duration(plan.duration_s)}"
+        f" at {price_text}, about {_duration(plan.duration_s)}"
         f" at concurrency {manifest.concurrency} and {TYPICAL_LATENCY_S:.0f} s per image"
     )
     return 0

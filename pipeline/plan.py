@@ -93,6 +93,7 @@ PAID = ("new", "changed", "retry", "resume")
 
 def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
     result = Preview(concurrency=manifest.generation_limit)
+    price = preferred_price(manifest)
     path = output / "state.db"
     with State(path, readonly=True) if path.exists() else contextlib.nullcontext() as state:
         matched = 0
@@ -102,16 +103,20 @@ def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
             label = _label(item, row, step)
             result.steps[label] += 1
             if label in PAID:
-                result.cost += price_of(manifest, item)
+                result.cost += price if price is not None else list_price(item.model, item.image_size)
         result.orphaned = (state.count_rows() if state else 0) - matched
     return result
 
 
-def price_of(manifest: Manifest, item: Item) -> float:
-    """USD for one generation: `price_per_image` when set, else the model's list price."""
-    if manifest.price_per_image is not None:
-        return manifest.price_per_image
-    return list_price(item.model, item.image_size)
+def preferred_price(manifest: Manifest) -> float | None:
+    """USD per image where generations go first: the provider of the lowest priority (the cheapest
+    among equals); its `price_per_image`, else the manifest's; None: the model's list price."""
+    fallback = manifest.price_per_image
+    prices = [
+        (spec.priority, spec.price_per_image if spec.price_per_image is not None else fallback)
+        for spec in manifest.pool()
+    ]
+    return min(prices, key=lambda pair: (pair[0], pair[1] is None, pair[1] or 0.0))[1]
 
 
 def _label(item: Item, row: Row | None, step: Step) -> str:

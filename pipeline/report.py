@@ -112,6 +112,14 @@ def _figures(counts: dict[str, Any], last: dict[str, Any] | None) -> str:
             ("retries", sum((summary.get("retries") or {}).values())),
             ("elapsed", f"{summary.get('elapsed_s', '')} s"),
         ]
+        for name, p in (summary.get("providers") or {}).items():
+            state = f", disabled: {p['disabled']}" if p.get("disabled") else ""
+            figures.append(
+                (
+                    f"provider {name}",
+                    f"{p['images']} images, {p['requests']} requests, ${p['cost_usd']:.2f}{state}",
+                )
+            )
     return "".join(
         f"<div><dt>{escape(name)}</dt><dd>{escape(str(value))}</dd></div>" for name, value in figures
     )

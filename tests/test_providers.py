@@ -258,3 +258,17 @@ def test_missing_keys_and_unknown_provider_names(
     assert run("run", manifest, "--provider", "zz") == 2
     assert "--provider zz: no such provider (the manifest has a, g, c)" in capsys.readouterr().err
     assert run("run", manifest, "--provider", "a") == 0 and sim.stats.requests == 1
+
+
+def test_dry_run_prices_at_the_first_provider_and_the_report_shows_each(
+    tmp_path: Path, sim: Simulator, sim_b: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    providers = [provider("dear", sim_b, "KEY_B", priority=2, price_per_image=0.05),
+                 provider("cheap", sim, priority=1, price_per_image=0.01)]  # fmt: skip
+    manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "count": 10}], providers=providers)
+    assert run("run", manifest, "--dry-run", "--log-format", "json") == 0
+    assert json.loads(capsys.readouterr().out)["cost_usd"] == 0.1
+    assert run("run", manifest) == 0
+    assert run("report", tmp_path / "out") == 0
+    html = (tmp_path / "out/report.html").read_text()
+    assert "provider cheap" in html and "10 images, 10 requests, $0.10" in html

@@ -85,3 +85,31 @@ def test_counters_per_prompt_stay_bounded(tmp_path: Path, sim: Simulator) -> Non
     assert sim.stats.requests == sim.stats.generations == 60
     assert len(sim.stats.prompts) == len(sim.stats.request_times) == 20
     assert set(sim.stats.prompts.values()) == {1}
+
+
+@pytest.mark.slow
+def test_google_genai_sdk_gets_an_image_from_simulate() -> None:
+    from google import genai
+    from google.genai import types
+
+    env = {**os.environ, "IMAGE_API_KEY": "sk-native-456"}
+    with simulate(env=env) as (line, _):
+        origin = re.search(r"native: (\S+)", line)
+        assert origin, line
+        client = genai.Client(api_key="sk-native-456", http_options=types.HttpOptions(base_url=origin.group(1)))
+        reply = client.models.generate_content(
+            model="gemini-2.5-flash-image",
+            contents="a lighthouse at dusk",
+            config=types.GenerateContentConfig(
+                response_modalities=["IMAGE"], image_config=types.ImageConfig(aspect_ratio="16:9")
+            ),
+        )
+        parts = reply.candidates[0].content.parts  # type: ignore[index, union-attr]
+        data = next(p.inline_data.data for p in parts if p.inline_data)  # type: ignore[union-attr]
+        with Image.open(io.BytesIO(data)) as image:  # type: ignore[arg-type]
+            assert image.size == (1344, 768)
+        wrong = genai.Client(api_key="sk-wrong", http_options=types.HttpOptions(base_url=origin.group(1)))
+        from google.genai import errors
+
+        with pytest.raises(errors.ClientError, match="API key not valid"):
+            wrong.models.generate_content(model="gemini-2.5-flash-image", contents="x")
