@@ -271,4 +271,7 @@ def test_dry_run_prices_at_the_first_provider_and_the_report_shows_each(
     assert run("run", manifest) == 0
     assert run("report", tmp_path / "out") == 0
     html = (tmp_path / "out/report.html").read_text()
-    assert "provider cheap" in html and "10 images, 10 requests, $0.10" in html
+    counts = by_provider(tmp_path / "out")
+    for name, price in (("cheap", 0.01), ("dear", 0.05)):
+        n = counts[name]
+        assert f"<dt>provider {name}</dt><dd>{n} images, {n} requests, ${n * price:.2f}</dd>" in html

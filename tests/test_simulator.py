@@ -96,7 +96,9 @@ def test_google_genai_sdk_gets_an_image_from_simulate() -> None:
     with simulate(env=env) as (line, _):
         origin = re.search(r"native: (\S+)", line)
         assert origin, line
-        client = genai.Client(api_key="sk-native-456", http_options=types.HttpOptions(base_url=origin.group(1)))
+        client = genai.Client(
+            api_key="sk-native-456", http_options=types.HttpOptions(base_url=origin.group(1))
+        )
         reply = client.models.generate_content(
             model="gemini-2.5-flash-image",
             contents="a lighthouse at dusk",
