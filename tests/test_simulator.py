@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import re
 import signal
@@ -115,3 +117,43 @@ def test_google_genai_sdk_gets_an_image_from_simulate() -> None:
 
         with pytest.raises(errors.ClientError, match="API key not valid"):
             wrong.models.generate_content(model="gemini-2.5-flash-image", contents="x")
+
+
+@pytest.mark.slow
+def test_google_genai_sdk_runs_a_batch_job_on_simulate(tmp_path: Path) -> None:
+    import time
+
+    from google import genai
+    from google.genai import types
+
+    requests = tmp_path / "requests.jsonl"
+    lines = [
+        {"key": f"item-{n}", "request": {"contents": [{"parts": [{"text": f"a lighthouse, take {n}"}]}],
+                                         "generationConfig": {"responseModalities": ["IMAGE"],
+                                                              "imageConfig": {"aspectRatio": "16:9"}}}}
+        for n in range(3)
+    ]  # fmt: skip
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = {**os.environ, "IMAGE_API_KEY": "sk-batch-789"}
+    with simulate("--image-scale", "8", env=env) as (line, _):
+        origin = re.search(r"native: (\S+)", line).group(1)  # type: ignore[union-attr]
+        client = genai.Client(api_key="sk-batch-789", http_options=types.HttpOptions(base_url=origin))
+        uploaded = client.files.upload(file=requests, config=types.UploadFileConfig(mime_type="jsonl"))
+        job = client.batches.create(
+            model="gemini-2.5-flash-image", src=uploaded.name, config={"display_name": "sdk-test"}
+        )
+        deadline = time.monotonic() + 30
+        while job.state is None or job.state.name not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+            job = client.batches.get(name=job.name)  # type: ignore[arg-type]
+        assert job.state.name == "JOB_STATE_SUCCEEDED" and job.display_name == "sdk-test"
+        assert job.dest is not None and job.dest.file_name
+        results = client.files.download(file=job.dest.file_name)
+        got = [json.loads(row) for row in results.decode().splitlines()]
+        assert sorted(row["key"] for row in got) == ["item-0", "item-1", "item-2"]
+        for row in got:
+            data = row["response"]["candidates"][0]["content"]["parts"][0]["inlineData"]["data"]
+            with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+                assert image.size == (1344 // 8, 768 // 8)
+        assert any(b.name == job.name for b in client.batches.list())

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.extract import decode_data_uri
 from pipeline.presets import MODELS, SEED
+from pipeline.simulator.batch import BatchService
 
 
 class BoundedCounter(Counter[str]):
@@ -83,6 +84,12 @@ class SimConfig:
     image_scale: int = 1  # divide image sizes by this (benchmarks: small images)
     distinct_images: int = 0  # 0: a picture per token; N: only N pictures, drawn once (benchmarks)
     window: int = 100_000  # per-prompt counters and request times kept: a long session stays bounded
+    batch_duration_s: float = 0.2  # a batch job: pending for half of this, running for the other half
+    batch_end_states: tuple[str, ...] = ()  # how the 1st, 2nd, ... job created ends (default SUCCEEDED)
+    batch_lose_creates: int = 0  # the first N creates make the job, then drop the connection unanswered
+    batch_page_size: int = 10  # batches listed per page
+    batch_rate_429: float = 0.0  # results lines that are a 429 error
+    batch_rate_500: float = 0.0  # results lines that are a 500 error
 
 
 @dataclass
@@ -120,6 +127,7 @@ class Simulator:
         self._asked: Counter[str] = BoundedCounter(self.config.window)  # requests per prompt and ratio
         self._fetched: Counter[str] = BoundedCounter(self.config.window)  # downloads per image
         self._window: deque[float] = deque()  # times of the requests let through, for `quota`
+        self.batch = BatchService(lambda: self.config, self._batch_answer)
         self._runners: list[web.AppRunner] = []
         self.base_url = ""  # the OpenAI-compatible gateway: {origin}/v1
         self.origin = ""  # Google's native API: {origin}/v1beta/models/...
@@ -135,6 +143,7 @@ class Simulator:
         api_app.router.add_post("/v1/chat/completions", self._chat)
         for version in ("v1beta", "v1"):  # SDK 3.x says v1, Google's docs and SDK 2.x v1beta
             api_app.router.add_post(f"/{version}/models/{{call}}", self._native)
+        self.batch.add_routes(api_app)
         api_app.router.add_get("/_sim/stats", self._stats)
         api_app.router.add_get("/hc/{check:.*}", self._healthcheck)
         [self.origin] = await self._serve(api_app, host, api_port)
@@ -153,6 +162,7 @@ class Simulator:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self.batch.close()
 
     def reset(self, config: SimConfig) -> None:
         """A fresh start for the next test: new knobs, zeroed counters and fault sequences."""
@@ -161,6 +171,7 @@ class Simulator:
         self._asked = BoundedCounter(config.window)
         self._fetched = BoundedCounter(config.window)
         self._window.clear()
+        self.batch.reset()
 
     # The gateway: both protocols, one generation logic
 
@@ -169,6 +180,8 @@ class Simulator:
 
     async def _native(self, request: web.Request) -> web.StreamResponse:
         model, _, method = request.match_info["call"].partition(":")
+        if method == "batchGenerateContent":
+            return await self.batch.create(request, model)
         if method != "generateContent":
             return _google_error(404, "NOT_FOUND", f"method {method!r} is not served here")
         return await self._counted(request, NativeWire(model))
@@ -244,10 +257,40 @@ class Simulator:
             else _image_size(inputs[0])
         )
         if isinstance(wire, NativeWire):
-            return web.json_response(_native_image(asked.model, render_png(*size, token)))
+            return web.json_response(_native_image(asked.model, c.image_bytes or render_png(*size, token)))
         response = await _send(request, self._image_reply(size, token, expires), stream)
         response.headers.update(rate_headers)
         return response
+
+    def _batch_answer(self, model: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One line of a batch job's results: the same generation as online, without the wire."""
+        c = self.config
+        try:
+            asked = _parse_native(model, body)
+        except ValueError as exc:
+            return {"key": key, "error": {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}}
+        prompt, ratio = asked.prompt, asked.aspect_ratio
+        nth = self._asked[f"{prompt}\x1f{ratio}"]
+        self._asked[f"{prompt}\x1f{ratio}"] += 1
+        roll = random.Random(f"{c.seed}\x1fbatch\x1f{prompt}\x1f{ratio}\x1f{nth}").random()
+        if roll < c.batch_rate_429:
+            return {
+                "key": key,
+                "error": {"code": 429, "message": "Resource exhausted.", "status": "RESOURCE_EXHAUSTED"},
+            }
+        if roll < c.batch_rate_429 + c.batch_rate_500:
+            return {"key": key, "error": {"code": 500, "message": "Internal error.", "status": "INTERNAL"}}
+        if any(w in prompt for w in c.refuse_words):
+            return {"key": key, "response": {"promptFeedback": {"blockReason": "SAFETY"}}}
+        self.stats.generations += 1
+        self.stats.prompts[prompt] += 1
+        token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
+        size = (
+            self._size(ratio, model, asked.image_size)
+            if ratio or not asked.inputs
+            else _image_size(asked.inputs[0])
+        )
+        return {"key": key, "response": _native_image(model, c.image_bytes or render_png(*size, token))}
 
     def _quota(self) -> tuple[float | None, dict[str, str]]:
         """Under a per-window quota: (None, rate-limit headers) for a request let through, or (seconds
