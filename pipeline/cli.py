@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from pipeline.batch import BatchRunner
 from pipeline.errors import ManifestError, OutputLockedError
 from pipeline.export import export_webdataset
 from pipeline.manifest import Manifest, ProviderSpec, json_schema, load_manifest
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--provider", action="append", metavar="NAME", help="use only this provider (repeatable)"
     )
+    run.add_argument("--mode", choices=("online", "batch"), help="with online and batch providers: which")
+    run.add_argument("--submit-only", action="store_true", help="batch: submit the jobs and exit")
     run.add_argument("--simulate", action="store_true", help="use the built-in provider simulator")
     run.add_argument("--sim-latency", type=float, default=0.0, metavar="SECONDS")
     run.set_defaults(command=_run)
@@ -154,8 +157,25 @@ def _run(args: argparse.Namespace) -> int:
         return _dry_run(args, manifest, output)
     if args.simulate:
         return asyncio.run(_run_simulated(args, manifest, output))
-    endpoints = _endpoints(args.manifest, manifest, args.provider)
+    endpoints = _endpoints(args.manifest, manifest, _selected(manifest, args))
     return asyncio.run(_run_with(args, manifest, output, RunOptions(endpoints, **_budget(args, manifest))))
+
+
+def _selected(manifest: Manifest, args: argparse.Namespace) -> list[str]:
+    """The providers this run uses: those named by --provider, of the run's mode (batch when the pool
+    has a batch provider, unless --mode online)."""
+    chosen = [spec for _, spec in _chosen(manifest, args.provider)]
+    mode = _mode(manifest, args)
+    names = [spec.name for spec in chosen if spec.mode == mode]
+    if not names:
+        raise ManifestError([f"{args.manifest}: no {mode} provider to use (see providers[].mode and --mode)"])
+    return names
+
+
+def _mode(manifest: Manifest, args: argparse.Namespace) -> str:
+    if args.mode:
+        return str(args.mode)
+    return "batch" if any(spec.mode == "batch" for spec in manifest.pool()) else "online"
 
 
 PLAN_NOTES = {
@@ -170,7 +190,8 @@ PLAN_NOTES = {
 
 
 def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
-    plan = preview(manifest, output, args.retry_failed)
+    mode = _mode(manifest, args)
+    plan = preview(manifest, output, args.retry_failed, mode)
     if args.log_format == "json":
         print(json.dumps({"event": "plan", "output": str(output), **plan.as_dict()}))
         return 0
@@ -179,13 +200,18 @@ def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
     for label, note in PLAN_NOTES.items():
         print(f"  {label:<9}{plan.steps[label]:>9}  {note}".rstrip())
     print(f"  {'orphaned':<9}{plan.orphaned:>9}  in the output, no longer in the manifest (kept)")
-    price = preferred_price(manifest)
-    price_text = f"${price}/image" if price is not None else "list prices"
+    price = preferred_price(manifest, mode)
+    price_text = (
+        f"${price}/image" if price is not None else "list prices" + (" less half" if mode == "batch" else "")
+    )
     print(
         f"paid requests <= {plan.paid_requests}, about ${plan.cost:,.2f}"
         f" at {price_text}, about {_duration(plan.duration_s)}"
-        f" at concurrency {manifest.concurrency} and {TYPICAL_LATENCY_S:.0f} s per image"
+        f" at concurrency {manifest.generation_limit} and {TYPICAL_LATENCY_S:.0f} s per image"
     )
+    if plan.jobs is not None:
+        print(f"batch mode: {plan.jobs} new job(s) of up to {manifest.batch.max_requests} items;"
+              f" {plan.steps['in_batch']} items in submitted jobs (24 h target turnaround)")  # fmt: skip
     return 0
 
 
@@ -207,10 +233,11 @@ def _output_of(target: Path) -> Path:
 def _status(args: argparse.Namespace) -> int:
     output = _output_of(args.target)
     with State(output / "state.db", readonly=True) as state:
-        counts, last = state.counts(), state.last_run()
+        counts, last, jobs = state.counts(), state.last_run(), state.batch_jobs()
     providers = ((last or {}).get("summary") or {}).get("providers") or {}
     if args.json:
-        print(json.dumps({"output": str(output), **counts, "providers": providers, "last_run": last}))
+        print(json.dumps({"output": str(output), **counts, "providers": providers, "batches": jobs,
+                          "last_run": last}))  # fmt: skip
         return 0
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["failed_by_reason"].items()))
     print(f"{output}: {counts['items']} items recorded")
@@ -224,7 +251,12 @@ def _status(args: argparse.Namespace) -> int:
         )
         print(f"last run #{last['run']}: started {last['started_at']}, {ended}")
     for name, figures in providers.items():
-        print(format_provider(name, figures))
+        if "requests" in figures:
+            print(format_provider(name, figures))
+    for job in jobs:
+        print(f"batch {job['display_name']} ({job['name'] or 'not created yet'}): {job['stage']}"
+              f" ({job['remote_state'] or '-'}), {job['items']} items, {job['done']} done,"
+              f" {job['failed']} failed, {_duration(job['age_s'])} old")  # fmt: skip
     return 0
 
 
@@ -284,9 +316,10 @@ async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: P
     simulator = Simulator(SimConfig(key=key, latency_s=args.sim_latency, jitter_s=args.sim_latency / 2))
     await simulator.start()
     try:
+        names = _selected(manifest, args)
         endpoints = [
             Endpoint(spec, simulator.origin if spec.protocol == "gemini" else simulator.base_url, Secret(key))
-            for _, spec in _chosen(manifest, args.provider)
+            for _, spec in _chosen(manifest, names)
         ]
         return await _run_with(args, manifest, output, RunOptions(endpoints, **_budget(args, manifest)))
     finally:
@@ -295,7 +328,11 @@ async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: P
 
 async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Path, options: RunOptions) -> int:
     display = _Display(args.quiet, args.log_format, sys.stdout)
-    runner = Runner(manifest, output, options, display.event)
+    runner: Runner | BatchRunner
+    if _mode(manifest, args) == "batch":
+        runner = BatchRunner(manifest, output, options, display.event, submit_only=args.submit_only)
+    else:
+        runner = Runner(manifest, output, options, display.event)
     loop = asyncio.get_running_loop()
     for signum, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
         loop.add_signal_handler(signum, _on_signal(runner, display, name, signum))
@@ -311,7 +348,7 @@ async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Path, 
     return summary.exit_code
 
 
-def _on_signal(runner: Runner, display: _Display, name: str, signum: int) -> Callable[[], None]:
+def _on_signal(runner: Runner | BatchRunner, display: _Display, name: str, signum: int) -> Callable[[], None]:
     def handle() -> None:
         display.note(f"{name}: finishing in-flight work (again to stop at once)")
         runner.interrupt(signum)
@@ -342,6 +379,9 @@ class _Display:
             what = "disabled for the rest of the run" if event.kind == "provider_disabled" else "down"
             self._emit(event.kind, f"warning: provider {event.provider} {what}: {event.message}", always=True,
                        err=True, provider=event.provider, message=event.message)  # fmt: skip
+        elif event.kind.startswith("batch_"):
+            self._emit(event.kind, f"batch {event.kind.removeprefix('batch_')}: {event.message}",
+                       provider=event.provider, message=event.message)  # fmt: skip
         elif event.kind in ("failed", "warning"):
             self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", err=True,
                        always=event.kind == "failed", item=event.item, message=event.message)  # fmt: skip
@@ -402,8 +442,13 @@ def format_summary(summary: Summary, output: Path) -> str:
         f"warnings {summary.warnings}, elapsed {summary.elapsed_s:.1f}s",
         f"output: {output}/ (images/, metadata.jsonl, failures.jsonl)",
     ]
-    if len(summary.providers) > 1 or any(p["disabled"] for p in summary.providers.values()):
-        lines[-1:-1] = [format_provider(name, figures) for name, figures in summary.providers.items()]
+    online = {name: p for name, p in summary.providers.items() if "requests" in p}
+    if len(online) > 1 or any(p["disabled"] for p in online.values()):
+        lines[-1:-1] = [format_provider(name, figures) for name, figures in online.items()]
+    for name, p in summary.providers.items():
+        if "batch_jobs" in p:
+            jobs = ", ".join(f"{k} {v}" for k, v in p["batch_jobs"].items())
+            lines.insert(-1, f"  {name}: batch jobs {jobs}")
     if summary.storage:
         lines.insert(0, f"stopped: cannot write the output: {summary.storage}")
     elif summary.fatal:

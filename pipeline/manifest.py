@@ -79,6 +79,7 @@ class ProviderSpec(_Strict):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,40}$")]
     protocol: Literal["openai-chat", "gemini"] = "openai-chat"
+    mode: Literal["online", "batch"] = "online"  # batch: Google's Batch Mode (protocol gemini), half price
     base_url: str | None = None  # openai-chat: env IMAGE_API_BASE_URL; gemini: Google's endpoint
     api_key_env: EnvName | None = None  # default: IMAGE_API_KEY (openai-chat), GEMINI_API_KEY (gemini)
     model: Annotated[str, Field(min_length=1)] | None = None  # this provider's name for the model
@@ -99,6 +100,14 @@ class ProviderSpec(_Strict):
     @property
     def default_base_url(self) -> str | None:
         return self.base_url or (GEMINI_BASE_URL if self.protocol == "gemini" else None)
+
+
+class BatchSettings(_Strict):
+    """How batch jobs are made and waited for (providers with `mode: batch`)."""
+
+    max_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # items per job
+    poll_interval_s: Annotated[float, Field(gt=0)] = 30.0  # the first poll; backs off to 5 minutes
+    max_wait_s: Annotated[float, Field(gt=0)] = 86_400.0  # stop waiting (jobs stay recorded)
 
 
 class Defaults(_Strict):
@@ -178,6 +187,7 @@ class Manifest(_Strict):
     api: Api = Api()  # one provider, named `default`; or:
     providers: Annotated[list[ProviderSpec], Field(min_length=1)] | None = None
     model: Annotated[str, Field(min_length=1)] | None = None  # the items' model (default: the providers')
+    batch: BatchSettings = BatchSettings()
     concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None  # default: 8, or the providers' sum
     download_concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
@@ -433,6 +443,8 @@ def _check_providers(
         seen.setdefault(provider.name, i)
         if provider.stream and provider.protocol != "openai-chat":
             problems.append(_problem(path, lines, f"providers[{i}].stream", "only for protocol openai-chat"))
+        if provider.mode == "batch" and provider.protocol != "gemini":
+            problems.append(_problem(path, lines, f"providers[{i}].mode", "batch needs protocol gemini"))
     return problems
 
 

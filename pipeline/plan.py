@@ -21,6 +21,7 @@ from pipeline.manifest import Item, Manifest, iter_items
 from pipeline.presets import list_price
 from pipeline.state import Row, State
 
+BATCH_DISCOUNT = 0.5  # Batch Mode costs half the list price
 TYPICAL_LATENCY_S = 15.0  # a generation takes 5-15 s as documented, 8-30 s in real traffic
 
 
@@ -69,6 +70,7 @@ class Preview:
     orphaned: int = 0  # recorded in the output but no longer in the manifest
     concurrency: int = 1
     cost: float = 0.0  # USD, of the paid requests at most
+    jobs: int | None = None  # batch jobs a batch run would create
 
     @property
     def paid_requests(self) -> int:
@@ -84,6 +86,7 @@ class Preview:
             "items": self.items, **{k: self.steps[k] for k in LABELS}, "orphaned": self.orphaned,
             "paid_requests": self.paid_requests, "cost_usd": round(self.cost, 2),
             "duration_s": round(self.duration_s), "concurrency": self.concurrency,
+            **({} if self.jobs is None else {"batch_jobs": self.jobs, "in_batch": self.steps["in_batch"]}),
         }  # fmt: skip
 
 
@@ -91,9 +94,10 @@ LABELS = ("new", "changed", "done", "failed", "retry", "download", "resume")
 PAID = ("new", "changed", "retry", "resume")
 
 
-def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
+def preview(manifest: Manifest, output: Path, retry_failed: bool, mode: str = "online") -> Preview:
     result = Preview(concurrency=manifest.generation_limit)
-    price = preferred_price(manifest)
+    price = preferred_price(manifest, mode)
+    discount = BATCH_DISCOUNT if mode == "batch" else 1.0
     path = output / "state.db"
     with State(path, readonly=True) if path.exists() else contextlib.nullcontext() as state:
         matched = 0
@@ -101,21 +105,29 @@ def preview(manifest: Manifest, output: Path, retry_failed: bool) -> Preview:
             result.items += 1
             matched += row is not None
             label = _label(item, row, step)
+            if label in PAID and mode == "batch" and state is not None and state.in_open_batch(item):
+                label = "in_batch"  # already in a submitted job: collected, not paid again
             result.steps[label] += 1
             if label in PAID:
-                result.cost += price if price is not None else list_price(item.model, item.image_size)
+                result.cost += (
+                    price if price is not None else list_price(item.model, item.image_size) * discount
+                )
         result.orphaned = (state.count_rows() if state else 0) - matched
+    if mode == "batch":
+        result.jobs = math.ceil(result.paid_requests / manifest.batch.max_requests)
     return result
 
 
-def preferred_price(manifest: Manifest) -> float | None:
-    """USD per image where generations go first: the provider of the lowest priority (the cheapest
-    among equals); its `price_per_image`, else the manifest's; None: the model's list price."""
+def preferred_price(manifest: Manifest, mode: str = "online") -> float | None:
+    """USD per image where generations go first: the provider of the run's mode with the lowest
+    priority (the cheapest among equals); its `price_per_image`, else the manifest's; None: the
+    model's list price (halved in batch mode)."""
     fallback = manifest.price_per_image
     prices = [
         (spec.priority, spec.price_per_image if spec.price_per_image is not None else fallback)
         for spec in manifest.pool()
-    ]
+        if spec.mode == mode
+    ] or [(0, fallback)]
     return min(prices, key=lambda pair: (pair[0], pair[1] is None, pair[1] or 0.0))[1]
 
 

@@ -434,7 +434,7 @@ class Runner:
         """Record the image; report it only once that record is durable."""
         expected = expected_size(item.model, item.aspect_ratio, item.image_size)
         mismatch = expected is not None and expected != (stored.width, stored.height)
-        self._state.record_done(item, _metadata(item, stored, mismatch, provider))
+        self._state.record_done(item, metadata_row(item, stored, mismatch, provider))
         await self._durable()
         if old_file and old_file != stored.file:
             (self.output / old_file).unlink(missing_ok=True)  # the image this one replaces
@@ -455,7 +455,8 @@ class Runner:
         self._on_event(Event(kind, item.name, message, provider))
 
 
-def _metadata(item: Item, stored: StoredImage, mismatch: bool, provider: str | None) -> dict[str, Any]:
+def metadata_row(item: Item, stored: StoredImage, mismatch: bool, provider: str | None) -> dict[str, Any]:
+    """The metadata.jsonl row of an image (kept in the state as is)."""
     return {
         "file_name": stored.file, "id": item.id, "index": item.index, "prompt": item.prompt,
         "aspect_ratio": item.aspect_ratio, "image_size": item.image_size, "model": item.model,

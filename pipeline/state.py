@@ -31,6 +31,17 @@ CREATE TABLE IF NOT EXISTS items (
     image TEXT, image_fp TEXT, file TEXT, updated_at REAL NOT NULL, provider TEXT,
     PRIMARY KEY (id, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    display_name TEXT PRIMARY KEY, provider TEXT NOT NULL, name TEXT, stage TEXT NOT NULL,
+    remote_state TEXT, input_file TEXT, results_file TEXT, items INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_items (
+    display_name TEXT NOT NULL, id TEXT NOT NULL, idx INTEGER NOT NULL, fp TEXT NOT NULL,
+    PRIMARY KEY (display_name, id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS batch_items_by_item ON batch_items (id, idx);
 CREATE TABLE IF NOT EXISTS runs (
     run INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at REAL, exit_code INTEGER,
     summary TEXT
@@ -51,14 +62,106 @@ class Row:
     provider: str | None  # who generated the recorded URL or image
 
 
-class State:
+OPEN_STAGES = ("creating", "active")  # a job recorded before its create, and one the provider has
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """A batch job: `stage` is ours (creating, active, collected, ended), `remote_state` the provider's."""
+
+    display_name: str
+    provider: str
+    name: str | None
+    stage: str
+    remote_state: str | None
+    input_file: str | None
+    results_file: str | None
+    items: int
+    done: int
+    failed: int
+    created_at: float
+
+
+class BatchStore:
+    """The batch jobs of an output, in the same database as its items (a mixin of `State`)."""
+
+    _db: sqlite3.Connection
+    _has_batches: bool
+
+    def add_batch(self, display_name: str, provider: str, items: list[Item]) -> None:
+        """Record a job and the items it holds, before anything is sent: a crash leaves it findable."""
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO batches (display_name, provider, stage, items, created_at, updated_at)"
+            " VALUES (?, ?, 'creating', ?, ?, ?)",
+            (display_name, provider, len(items), now, now),
+        )
+        self._db.executemany(
+            "INSERT INTO batch_items VALUES (?, ?, ?, ?)",
+            ((display_name, item.id, item.index, item.fingerprint) for item in items),
+        )
+
+    def update_batch(self, display_name: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        self._db.execute(
+            f"UPDATE batches SET {sets} WHERE display_name = ?",  # noqa: S608 (column names from code)
+            (*fields.values(), display_name),
+        )
+
+    def batches(self, stages: tuple[str, ...] | None = None) -> list[BatchRow]:
+        query = (
+            "SELECT display_name, provider, name, stage, remote_state, input_file, results_file, items,"
+            " done, failed, created_at FROM batches"
+        )
+        if stages:
+            query += f" WHERE stage IN ({', '.join('?' * len(stages))})"
+        return [BatchRow(*row) for row in self._db.execute(query + " ORDER BY created_at", stages or ())]
+
+    def batch_jobs(self) -> list[dict[str, Any]]:
+        """The jobs for `pipeline status`: name, state, items, done, failed, age."""
+        if not self._has_batches:
+            return []  # a state written before batch mode existed, read as it is
+        now = time.time()
+        return [
+            {"display_name": b.display_name, "name": b.name, "provider": b.provider, "stage": b.stage,
+             "remote_state": b.remote_state, "items": b.items, "done": b.done, "failed": b.failed,
+             "age_s": round(now - b.created_at)}
+            for b in self.batches()
+        ]  # fmt: skip
+
+    def batch_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM batches").fetchone()[0])
+
+    def batch_members(self, display_name: str) -> dict[str, tuple[str, int, str]]:
+        """key (the item's name) -> (id, index, fingerprint) of a job's items."""
+        rows = self._db.execute("SELECT id, idx, fp FROM batch_items WHERE display_name = ?", (display_name,))
+        return {f"{ident}_{idx}": (ident, idx, fp) for ident, idx, fp in rows}
+
+    def in_open_batch(self, item: Item) -> bool:
+        """Whether the item is held by a job not yet collected or ended: it goes into no other."""
+        if not self._has_batches:
+            return False
+        found = self._db.execute(
+            "SELECT 1 FROM batch_items JOIN batches USING (display_name)"
+            " WHERE id = ? AND idx = ? AND stage IN (?, ?) LIMIT 1",
+            (item.id, item.index, *OPEN_STAGES),
+        ).fetchone()
+        return found is not None
+
+
+class State(BatchStore):
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self._provider = "provider"
         if readonly:
             self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
             if not any(row[1] == "provider" for row in self._db.execute("PRAGMA table_info(items)")):
                 self._provider = "NULL"  # a state written before providers existed, read as it is
+            self._has_batches = bool(
+                self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'batch_items'").fetchone()
+            )
             return
+        self._has_batches = True
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

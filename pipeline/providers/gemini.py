@@ -54,12 +54,37 @@ def classify_gemini(
     """Images found (as data: URIs), or the error this native reply amounts to (section 2)."""
     text = body.decode("utf-8", "replace").strip()
     data = parse_json(text)
-    error = data.get("error") if isinstance(data, dict) else None
     retry_after = parse_retry_after(headers.get("retry-after"), now or datetime.now(UTC))
+    if status != 200 or not isinstance(data, dict) or isinstance(data.get("error"), dict):
+        return error_of(status, data, retry_after, text)
+    return judge(data)
+
+
+def error_of(status: int, data: Any, retry_after: float | None = None, text: str = "") -> ItemError:
+    """The error a non-200 reply (or a 200 with an `error`, or a results line's `error`) amounts to."""
+    error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
         return _from_error(status, error, retry_after)
-    if status != 200 or not isinstance(data, dict):
-        return _from_status(status, describe_body(status, text), retry_after)
+    return _from_status(status, describe_body(status, text), retry_after)
+
+
+def results_line(line: dict[str, Any]) -> list[str] | ItemError:
+    """One line of a batch job's results: its `response` judged as a reply, or its `error`."""
+    error = line.get("error")
+    if isinstance(error, dict):
+        if error.get("code") == 429:  # a line's 429 is the job's load, not an empty wallet: try again
+            return RetryableError(clip(str(error.get("message") or "rate limited")), kind="rate_limited")
+        return error_of(0, line)
+    response = line.get("response")
+    return (
+        judge(response)
+        if isinstance(response, dict)
+        else error_of(500, None, None, "a line with no response")
+    )
+
+
+def judge(data: dict[str, Any]) -> list[str] | ItemError:
+    """A successful (HTTP 200) reply: its images as data: URIs, or why there are none (section 2)."""
     images = extract_images(data)
     if images:
         return images
@@ -123,7 +148,7 @@ class GeminiClient:
 
     async def generate(self, item: Item) -> Generated:
         url = f"{self._base}/v1beta/models/{self._model or item.model}:generateContent"
-        inline = [await self._reference(ref) for ref in item.images]
+        inline = [await self.inline_reference(ref) for ref in item.images]
         headers = {"x-goog-api-key": self._key.reveal()}
         status, reply_headers, body = await post(
             self._session, url, request_body(item, inline), headers, self._timeout, self._key
@@ -133,7 +158,7 @@ class GeminiClient:
             raise self._key.scrub(outcome)
         return Generated(outcome)
 
-    async def _reference(self, ref: str) -> tuple[str, str]:
+    async def inline_reference(self, ref: str) -> tuple[str, str]:
         """A reference image as (mime type, base64), read or fetched once per run (never with the key)."""
         if ref not in self._inline:
             if ref.startswith(("http://", "https://")):

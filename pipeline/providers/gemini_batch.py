@@ -1,0 +1,129 @@
+"""Google's Batch Mode on the wire (shared contract `provider-api-gemini.md`, section 3): upload a JSONL
+file with the resumable protocol, create a job from it, get and list jobs, download and delete files.
+
+Every call carries the key in `x-goog-api-key`, except the upload chunks, whose URL grants access.
+Failures become the pipeline's errors as in `gemini`: retryable (network, 5xx, 429), fatal for the
+provider (bad key, 403), permanent otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import aiohttp
+
+from pipeline.classify import parse_json
+from pipeline.errors import ItemError, RetryableError
+from pipeline.providers.gemini import error_of
+from pipeline.secret import Secret
+
+UPLOAD_CHUNK = 8 * 1024 * 1024  # as the SDK sends them
+DOWNLOAD_CHUNK = 1 << 20
+API = "v1beta"
+
+
+class BatchClient:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: Secret, timeout_s: float) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._key = key
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s)
+
+    async def upload(self, path: Path, display_name: str) -> str:
+        """Upload a file; its name (`files/<id>`)."""
+        size = (await aiofiles.os.stat(path)).st_size
+        headers = {
+            "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+            "X-Goog-Upload-Header-Content-Length": str(size), "X-Goog-Upload-Header-Content-Type": "jsonl",
+        }  # fmt: skip
+        body = {"file": {"display_name": display_name}}
+        _, reply_headers = await self._call("POST", f"/upload/{API}/files", body, headers)
+        url = reply_headers.get("x-goog-upload-url")
+        if not url:
+            raise RetryableError("upload start: no x-goog-upload-url in the reply", kind="server_error")
+        offset, reply = 0, dict[str, Any]()
+        async with aiofiles.open(path, "rb") as handle:
+            while True:
+                chunk = await handle.read(UPLOAD_CHUNK)
+                last = offset + len(chunk) >= size
+                command = "upload, finalize" if last else "upload"
+                chunk_headers = {"X-Goog-Upload-Command": command, "X-Goog-Upload-Offset": str(offset)}
+                reply, _ = await self._call("POST", url, chunk, chunk_headers, keyed=False)
+                offset += len(chunk)
+                if last:
+                    break
+        name = (reply.get("file") or {}).get("name")
+        if not isinstance(name, str):
+            raise RetryableError("upload finalize: no file name in the reply", kind="server_error")
+        return name
+
+    async def create(self, model: str, display_name: str, file_name: str) -> dict[str, Any]:
+        body = {"batch": {"displayName": display_name, "inputConfig": {"fileName": file_name}}}
+        reply, _ = await self._call("POST", f"/{API}/models/{model}:batchGenerateContent", body)
+        return reply
+
+    async def get(self, name: str) -> dict[str, Any]:
+        reply, _ = await self._call("GET", f"/{API}/{name}")
+        return reply
+
+    async def find(self, display_name: str) -> dict[str, Any] | None:
+        """The job with this display name, looked for on every page of the list."""
+        token = ""
+        while True:
+            reply, _ = await self._call("GET", f"/{API}/batches" + (f"?pageToken={token}" if token else ""))
+            for operation in reply.get("operations") or []:
+                if (operation.get("metadata") or {}).get("displayName") == display_name:
+                    return dict(operation)
+            token = str(reply.get("nextPageToken") or "")
+            if not token:
+                return None
+
+    async def delete_file(self, name: str) -> None:
+        await self._call("DELETE", f"/{API}/{name}")
+
+    async def download(self, name: str, dest: Path) -> None:
+        """Stream a file (a job's results) to `dest`, never holding it in memory."""
+        ident = name.removeprefix("files/")
+        url = f"{self._base}/download/{API}/files/{ident}:download?alt=media"
+        try:
+            async with self._session.get(url, headers=self._auth(), timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise error_of(resp.status, parse_json((await resp.read()).decode("utf-8", "replace")))
+                async with aiofiles.open(dest, "wb") as out:
+                    async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK):
+                        await out.write(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise RetryableError(f"results download failed: {type(exc).__name__}", kind="network") from exc
+
+    def _auth(self) -> dict[str, str]:
+        return {"x-goog-api-key": self._key.reveal()}
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        keyed: bool = True,
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        url = path if path.startswith("http") else f"{self._base}{path}"
+        sent = {**(self._auth() if keyed else {}), **(headers or {})}
+        payload: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
+        try:
+            async with self._session.request(
+                method, url, headers=sent, timeout=self._timeout, **payload
+            ) as resp:
+                text = (await resp.read()).decode("utf-8", "replace")
+                reply_headers = {k.lower(): v for k, v in resp.headers.items()}
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            reason = self._key.redact(str(exc) or type(exc).__name__)
+            raise RetryableError(f"{method} {path.split('?')[0][:80]}: {reason}", kind="network") from exc
+        data = parse_json(text) if text else {}
+        if status != 200:
+            error: ItemError = error_of(status, data)
+            raise self._key.scrub(error)
+        return (data if isinstance(data, dict) else {}), reply_headers
