@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import shutil
 import sqlite3
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ import aiohttp
 from pipeline.dataset import write_dataset
 from pipeline.download import Downloader, fsync_path
 from pipeline.errors import ItemError, StorageError
-from pipeline.lock import OutputLock
+from pipeline.lock import claimed
 from pipeline.manifest import Item, Manifest, iter_items
 from pipeline.plan import Step, plan_items
 from pipeline.presets import expected_size
@@ -85,11 +84,7 @@ class BatchRunner:
 
     async def run(self) -> Summary:
         started = time.monotonic()
-        for folder in (self.output / "images", self.output / ".partial"):
-            folder.mkdir(parents=True, exist_ok=True)
-        with OutputLock(self.output):
-            shutil.rmtree(self.output / ".partial")
-            (self.output / ".partial").mkdir()
+        with claimed(self.output):
             self._state = State(self.output / "state.db")
             try:
                 self._state.begin()

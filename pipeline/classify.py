@@ -186,15 +186,11 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """`Retry-After` as seconds to wait: either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
+    seconds = parse_duration(value)
+    if seconds is not None or not value:
+        return seconds
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - now).total_seconds())
+        return max(0.0, (parsedate_to_datetime(value.strip()) - now).total_seconds())
     except (TypeError, ValueError):
         return None
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -36,3 +39,15 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+@contextmanager
+def claimed(output: Path) -> Iterator[None]:
+    """The output folder, locked for one run, with `images/` and an empty `.partial/` (what a killed
+    run was writing is dropped: nothing there was recorded)."""
+    for folder in (output / "images", output / ".partial"):
+        folder.mkdir(parents=True, exist_ok=True)
+    with OutputLock(output):
+        shutil.rmtree(output / ".partial")
+        (output / ".partial").mkdir()
+        yield

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import shutil
 import sqlite3
 import time
 from collections import Counter
@@ -39,7 +38,7 @@ from pipeline.errors import (
     UrlGoneError,
 )
 from pipeline.healthcheck import ping
-from pipeline.lock import OutputLock
+from pipeline.lock import claimed
 from pipeline.manifest import Item, Manifest, ProviderSpec
 from pipeline.metrics import Histogram
 from pipeline.plan import Step, plan_items
@@ -151,11 +150,7 @@ class Runner:
 
     async def run(self) -> Summary:
         started = time.monotonic()
-        for folder in (self.output / "images", self.output / ".partial"):
-            folder.mkdir(parents=True, exist_ok=True)
-        with OutputLock(self.output):
-            shutil.rmtree(self.output / ".partial")
-            (self.output / ".partial").mkdir()
+        with claimed(self.output):
             self._state = State(self.output / "state.db")
             try:
                 self._state.begin()
