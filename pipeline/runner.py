@@ -2,11 +2,12 @@
 
 Items stream from the manifest one at a time; a slot is taken before an item's task is created, so a
 million-item manifest is never a million tasks. There are as many slots as downloads may be in
-flight, and generation requests are further bounded by the adaptive limiter: a download never holds
-a generation slot and, since its item already holds a slot, starts the moment its URL arrives (URLs
-expire: when downloads are slow, it is generation that waits, never a paid URL). Each item's life
-is one coroutine; a failure is recorded, never raised. The core never prints: it reports through
-`on_event` and the returned `Summary`.
+flight, and generation requests are further bounded by the provider pool (`pipeline.providers`:
+each provider's controller, and the pool's total). A download never holds a generation slot and,
+since its item already holds a slot, starts the moment its URL arrives (URLs expire: when downloads
+are slow, it is generation that waits, never a paid URL). Each item's life is one coroutine; a
+failure is recorded, never raised. The core never prints: it reports through `on_event` and the
+returned `Summary`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class RunOptions:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: str  # done | failed | retry | warning | provider_disabled | provider_down
+    kind: str  # done | failed | retry | warning | provider_disabled | provider_down | batch_...
     item: str  # "" for provider events
     message: str = ""
     provider: str = ""
