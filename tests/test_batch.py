@@ -180,3 +180,26 @@ def test_a_results_file_of_hundreds_of_mb_is_collected_in_flat_memory(tmp_path: 
     rows = metadata(tmp_path / "out")
     assert len(rows) == items and {r["sha256"] for r in rows} == {hashlib.sha256(png).hexdigest()}
     print(f"collected {results_mb:.0f} MB of results in {elapsed:.1f} s, peak RSS {peak_mb:.0f} MB")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("gemini_key")
+def test_sigint_while_waiting_exits_130_at_once_with_the_jobs_recorded(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim.config.image_scale, sim.config.batch_duration_s = 8, 30.0
+    manifest = batch_manifest(tmp_path, sim, 10)
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "run", str(manifest), "--quiet"])
+    try:
+        deadline = time.monotonic() + 30
+        while sim.batch.stats["creates"] < 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.3)  # waiting for the job now
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 130
+    finally:
+        proc.kill()
+    assert run("status", tmp_path / "out", "--json") == 0
+    jobs = json.loads(capsys.readouterr().out)["batches"]
+    assert [(j["stage"], j["items"]) for j in jobs] == [("active", 10)]

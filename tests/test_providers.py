@@ -54,9 +54,10 @@ def test_two_providers_with_different_caps_finish_one_manifest(
     assert min(counts.values()) > 0
     everything = sim.stats.prompts + sim_b.stats.prompts
     assert len(everything) == 120 and set(everything.values()) == {1}  # every image once
-    for s in (sim, sim_b):
+    for s, cap in ((sim, 3), (sim_b, 6)):
         assert s.stats.peak_in_flight <= 8
-        assert s.stats.statuses[429] <= 0.1 * s.stats.requests, s.stats.statuses
+        # the first burst finds the cap (8 - cap refusals, not billed), then refusals stay rare
+        assert s.stats.statuses[429] <= (8 - cap) + 0.05 * s.stats.requests, s.stats.statuses
 
 
 def test_a_provider_with_a_wrong_key_is_disabled_and_the_other_finishes(
@@ -73,7 +74,7 @@ def test_a_provider_with_a_wrong_key_is_disabled_and_the_other_finishes(
         captured.err
     )
     assert by_provider(tmp_path / "out") == {"good": 30}
-    assert sim_b.stats.generations == 0 and sim_b.stats.statuses[401] == sim_b.stats.requests <= 4
+    assert sim_b.stats.generations == 0 and sim_b.stats.statuses[401] == sim_b.stats.requests <= 8
     assert "bad: requests" in captured.out and "DISABLED: Invalid token" in captured.out
     assert run("status", tmp_path / "out", "--json") == 0
     status = json.loads(capsys.readouterr().out)
@@ -199,11 +200,11 @@ def test_native_protocol_end_to_end(
 
 
 def test_the_controller_finds_a_hidden_in_flight_cap(tmp_path: Path, sim: Simulator) -> None:
-    sim.config.latency_s, sim.config.jitter_s, sim.config.image_scale = 0.1, 0.02, 8
+    sim.config.latency_s, sim.config.jitter_s, sim.config.image_scale = 0.25, 0.05, 8
     sim.config.max_in_flight = 16
-    jobs = [{"id": "p{n}", "prompt": "picture {n}", "matrix": {"n": list(range(400))}}]
+    jobs = [{"id": "p{n}", "prompt": "picture {n}", "matrix": {"n": list(range(480))}}]
     assert run("run", write_manifest(tmp_path, jobs, concurrency=64)) == 0
-    assert len(metadata(tmp_path / "out")) == 400 and set(sim.stats.prompts.values()) == {1}
+    assert len(metadata(tmp_path / "out")) == 480 and set(sim.stats.prompts.values()) == {1}
     refused = sim.stats.statuses[429] / sim.stats.requests
     assert refused <= 0.03, (sim.stats.statuses, sim.stats.requests)
     assert sim.stats.peak_in_flight <= 64
