@@ -22,16 +22,18 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiofiles
 import aiohttp
 
+from pipeline.classify import backoff_delay
 from pipeline.dataset import write_dataset
 from pipeline.download import Downloader, fsync_path
 from pipeline.errors import ItemError, StorageError
@@ -48,6 +50,7 @@ SUCCEEDED = "BATCH_STATE_SUCCEEDED"
 ENDED = ("BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED")
 MAX_POLL_S = 300.0  # polls back off to this
 COMMIT_EVERY = 32  # results lines written between two state commits
+STEP_TRIES = 3  # submitting or polling, tried this often through transient failures before the run stops
 STORAGE_ERRORS = (StorageError, sqlite3.Error, OSError)
 
 
@@ -71,6 +74,7 @@ class BatchRunner:
         self._tag = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:8]
         self._submissions: Counter[str] = Counter()  # jobs each item went into during this run
         self._jobs = {"created": 0, "adopted": 0, "collected": 0, "ended": 0}
+        self._rng = random.Random()
 
     def stop(self, reason: str) -> None:
         if not self._stopping.is_set():
@@ -120,8 +124,8 @@ class BatchRunner:
 
     async def _work(self) -> None:
         settings = self.manifest.batch
-        await self._poll_all()
-        await self._submit(first=True)
+        await self._retrying(self._poll_all)
+        await self._retrying(self._submit, True)
         if self._submit_only:
             self.stop("submitted")
             return
@@ -136,8 +140,28 @@ class BatchRunner:
             if self._stopping.is_set():
                 return
             interval = min(interval * 1.5, max(MAX_POLL_S, settings.poll_interval_s))
-            if await self._poll_all():
-                await self._submit()  # items given back (retryable lines, ended jobs) go into a new job
+            try:
+                if await self._poll_all():
+                    await self._submit()  # items given back (retryable lines, ended jobs): a new job
+            except ItemError as exc:
+                if not exc.retryable:
+                    raise
+                self.summary.retries[exc.kind] += 1  # the provider hiccuped: the next poll tries again
+                self._event("batch_warning", f"{exc.message}; polling again")
+
+    async def _retrying(self, step: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """A step of the run, tried again after a transient failure (with backoff) before giving up:
+        then the run stops (exit 3) with every job recorded, for the next run to resume."""
+        for attempt in range(1, STEP_TRIES + 1):
+            try:
+                await step(*args)
+                return
+            except ItemError as exc:
+                if not exc.retryable or attempt == STEP_TRIES:
+                    raise
+                self.summary.retries[exc.kind] += 1
+                await asyncio.sleep(backoff_delay(attempt, self._rng, self.manifest.backoff_base_s,
+                                                  self.manifest.backoff_cap_s))  # fmt: skip
 
     # Submitting
 
@@ -297,9 +321,12 @@ class BatchRunner:
 
     async def _line(self, raw: bytes, items: dict[str, Item]) -> str:
         """One results line, written and recorded: done, failed, retry, or skipped."""
-        if not raw.strip():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            return "skipped"  # blank or cut short: its item, with no line, goes into a later job
+        if not isinstance(line, dict):
             return "skipped"
-        line = json.loads(raw)
         item = items.get(str(line.get("key")))
         if item is None:
             return "skipped"  # not ours, or the manifest changed the item since
@@ -308,9 +335,13 @@ class BatchRunner:
             return "skipped"  # recorded when these results were read before a crash
         outcome = results_line(line)
         del line
+        attempts = row.attempts if row and row.fp == item.fingerprint else 0
         if isinstance(outcome, ItemError):
-            return self._failed(item, outcome, row.attempts if row and row.fp == item.fingerprint else 0)
-        stored = await self._writer.fetch(outcome[0], item.name)
+            return self._failed(item, outcome, attempts)
+        try:
+            stored = await self._writer.fetch(outcome[0], item.name)
+        except ItemError as exc:  # bytes that do not decode, too large: as online, recorded
+            return self._failed(item, exc, attempts)
         self._record_image(item, stored, row.file if row else None)
         return "done"
 

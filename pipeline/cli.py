@@ -380,8 +380,9 @@ class _Display:
             self._emit(event.kind, f"warning: provider {event.provider} {what}: {event.message}", always=True,
                        err=True, provider=event.provider, message=event.message)  # fmt: skip
         elif event.kind.startswith("batch_"):
-            self._emit(event.kind, f"batch {event.kind.removeprefix('batch_')}: {event.message}",
-                       provider=event.provider, message=event.message)  # fmt: skip
+            warning = event.kind == "batch_warning"
+            self._emit(event.kind, f"batch {event.kind.removeprefix('batch_')}: {event.message}", always=warning,
+                       err=warning, provider=event.provider, message=event.message)  # fmt: skip
         elif event.kind in ("failed", "warning"):
             self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", err=True,
                        always=event.kind == "failed", item=event.item, message=event.message)  # fmt: skip

@@ -203,3 +203,15 @@ def test_sigint_while_waiting_exits_130_at_once_with_the_jobs_recorded(
     assert run("status", tmp_path / "out", "--json") == 0
     jobs = json.loads(capsys.readouterr().out)["batches"]
     assert [(j["stage"], j["items"]) for j in jobs] == [("active", 10)]
+
+
+@pytest.mark.usefixtures("gemini_key")
+def test_results_that_do_not_decode_are_retried_then_recorded(tmp_path: Path, sim: Simulator) -> None:
+    """As online: bytes that do not decode are worth a new generation, within max_attempts."""
+    sim.config.image_bytes = b"\x89PNG\r\n\x1a\n but not really an image"
+    manifest = batch_manifest(tmp_path, sim, 5, max_attempts=2)
+    assert run("run", manifest) == 1
+    assert sorted((f["id"], f["error_type"], f["attempts"]) for f in failures(tmp_path / "out")) == [
+        (f"p{n}", "bad_image", 2) for n in range(5)
+    ]
+    assert metadata(tmp_path / "out") == [] and sim.batch.stats["creates"] == 2
