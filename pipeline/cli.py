@@ -381,8 +381,9 @@ class _Display:
                        err=True, provider=event.provider, message=event.message)  # fmt: skip
         elif event.kind.startswith("batch_"):
             warning = event.kind == "batch_warning"
-            self._emit(event.kind, f"batch {event.kind.removeprefix('batch_')}: {event.message}", always=warning,
-                       err=warning, provider=event.provider, message=event.message)  # fmt: skip
+            text = f"batch {event.kind.removeprefix('batch_')}: {event.message}"
+            self._emit(event.kind, text, always=warning, err=warning, provider=event.provider,
+                       message=event.message)  # fmt: skip
         elif event.kind in ("failed", "warning"):
             self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", err=True,
                        always=event.kind == "failed", item=event.item, message=event.message)  # fmt: skip
