@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import random
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -34,24 +33,21 @@ import aiofiles
 import aiohttp
 
 from pipeline.classify import backoff_delay
-from pipeline.dataset import write_dataset
 from pipeline.download import Downloader, fsync_path
 from pipeline.errors import ItemError, StorageError
-from pipeline.lock import claimed
 from pipeline.manifest import Item, Manifest, iter_items
 from pipeline.plan import Step, plan_items
 from pipeline.presets import expected_size
 from pipeline.providers.gemini import GeminiClient, request_body, results_line
 from pipeline.providers.gemini_batch import BatchClient
-from pipeline.runner import Event, RunOptions, Summary, metadata_row
-from pipeline.state import OPEN_STAGES, State
+from pipeline.runner import Event, RunOptions, Summary, metadata_row, recorded_run
+from pipeline.state import OPEN_STAGES
 
 SUCCEEDED = "BATCH_STATE_SUCCEEDED"
 ENDED = ("BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED")
 MAX_POLL_S = 300.0  # polls back off to this
 COMMIT_EVERY = 32  # results lines written between two state commits
 STEP_TRIES = 3  # submitting or polling, tried this often through transient failures before the run stops
-STORAGE_ERRORS = (StorageError, sqlite3.Error, OSError)
 
 
 class BatchRunner:
@@ -87,25 +83,15 @@ class BatchRunner:
         self.stop("interrupted")
 
     async def run(self) -> Summary:
-        started = time.monotonic()
-        with claimed(self.output):
-            self._state = State(self.output / "state.db")
+        with recorded_run(self.output, self.summary) as state:
+            self._state = state
             try:
-                self._state.begin()
-                run_id = self._state.start_run()
-                self._state.commit()
-                try:
-                    await self._session()
-                except ItemError as exc:  # the batch API itself failed: every job stays recorded
-                    self.summary.fatal = f"{self._endpoint.spec.name}: {exc.message}"
-                self.summary.elapsed_s = time.monotonic() - started
-                self.summary.providers = {self._endpoint.spec.name: {"batch_jobs": dict(self._jobs)}}
-                write_dataset(self._state, self.output)
-                self._state.end_run(run_id, self.summary.exit_code, self.summary.as_dict())
-            except STORAGE_ERRORS as exc:
-                self.summary.storage = str(exc)
-            finally:
-                self._state.close()
+                await self._session()
+            except ItemError as exc:  # the batch API itself failed: every job stays recorded
+                self.summary.fatal = f"{self._endpoint.spec.name}: {exc.message}"
+            except OSError as exc:  # writing a job's input or reading its results: the disk
+                self.summary.storage = str(exc.strerror or exc)
+            self.summary.providers = {self._endpoint.spec.name: {"batch_jobs": dict(self._jobs)}}
         return self.summary
 
     async def _session(self) -> None:

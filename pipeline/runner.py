@@ -18,7 +18,8 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,23 +151,12 @@ class Runner:
         self._written = asyncio.Event()  # state writes await the committer
 
     async def run(self) -> Summary:
-        started = time.monotonic()
-        with claimed(self.output):
-            self._state = State(self.output / "state.db")
+        with recorded_run(self.output, self.summary) as state:
+            self._state = state
             try:
-                self._state.begin()
-                run_id = self._state.start_run()
-                try:
-                    await self._run_all()
-                except* STORAGE_ERRORS as group:
-                    self._storage_failed(group.exceptions[0])
-                self.summary.elapsed_s = time.monotonic() - started
-                write_dataset(self._state, self.output)
-                self._state.end_run(run_id, self.summary.exit_code, self.summary.as_dict())
-            except STORAGE_ERRORS as exc:
-                self._storage_failed(exc)
-            finally:
-                self._state.close()
+                await self._run_all()
+            except* STORAGE_ERRORS as group:
+                self._storage_failed(group.exceptions[0])
         return self.summary
 
     def _storage_failed(self, exc: BaseException) -> None:
@@ -449,6 +439,28 @@ class Runner:
 
     def _emit(self, kind: str, item: Item, message: str = "", provider: str = "") -> None:
         self._on_event(Event(kind, item.name, message, provider))
+
+
+@contextmanager
+def recorded_run(output: Path, summary: Summary) -> Iterator[State]:
+    """The output claimed for one run and its state store open; the run recorded at its start, and at
+    its end with its summary, once the dataset files are rewritten from the state. A storage failure
+    anywhere ends up in `summary.storage` (exit 74)."""
+    started = time.monotonic()
+    with claimed(output):
+        state = State(output / "state.db")
+        try:
+            state.begin()
+            run_id = state.start_run()
+            state.commit()
+            yield state
+            summary.elapsed_s = time.monotonic() - started
+            write_dataset(state, output)
+            state.end_run(run_id, summary.exit_code, summary.as_dict())
+        except STORAGE_ERRORS as exc:
+            summary.storage = summary.storage or str(exc)
+        finally:
+            state.close()
 
 
 def metadata_row(item: Item, stored: StoredImage, mismatch: bool, provider: str | None) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,21 @@ def batch_manifest(folder: Path, sim: Simulator, count: int, mode: str = "batch"
     providers = [{"name": "google-batch", "protocol": "gemini", "mode": mode, "base_url": sim.origin,
                   "api_key_env": "GEMINI_API_KEY", "price_per_image": 0.0195}]  # fmt: skip
     return write_manifest(folder, jobs, providers=providers, **{"batch": FAST, **top})
+
+
+@contextmanager
+def run_until_a_job_exists(manifest: Path, sim: Simulator) -> Iterator[subprocess.Popen[bytes]]:
+    """`pipeline run` in a process of its own, handed over once the provider has a job; killed after."""
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "run", str(manifest), "--quiet"])
+    try:
+        deadline = time.monotonic() + 30
+        while sim.batch.stats["creates"] < 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def digests(output: Path) -> dict[str, str]:
@@ -125,16 +142,9 @@ def test_submit_only_then_a_collecting_run(
 def test_a_run_killed_after_a_create_resumes_the_same_jobs(tmp_path: Path, sim: Simulator) -> None:
     sim.config.image_scale, sim.config.batch_duration_s = 8, 2.0
     manifest = batch_manifest(tmp_path, sim, 40, batch={**FAST, "max_requests": 20})
-    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "run", str(manifest), "--quiet"])
-    try:
-        deadline = time.monotonic() + 30
-        while sim.batch.stats["creates"] < 1:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
+    with run_until_a_job_exists(manifest, sim) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    finally:
-        proc.kill()
     created_before = sim.batch.stats["creates"]
     assert run("run", manifest) == 0
     assert sim.batch.stats["creates"] == 2 >= created_before  # the same jobs: none made twice
@@ -189,17 +199,10 @@ def test_sigint_while_waiting_exits_130_at_once_with_the_jobs_recorded(
 ) -> None:
     sim.config.image_scale, sim.config.batch_duration_s = 8, 30.0
     manifest = batch_manifest(tmp_path, sim, 10)
-    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "run", str(manifest), "--quiet"])
-    try:
-        deadline = time.monotonic() + 30
-        while sim.batch.stats["creates"] < 1:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
+    with run_until_a_job_exists(manifest, sim) as proc:
         time.sleep(0.3)  # waiting for the job now
         proc.send_signal(signal.SIGINT)
         assert proc.wait(5) == 130
-    finally:
-        proc.kill()
     assert run("status", tmp_path / "out", "--json") == 0
     jobs = json.loads(capsys.readouterr().out)["batches"]
     assert [(j["stage"], j["items"]) for j in jobs] == [("active", 10)]
