@@ -74,7 +74,7 @@ class BatchService:
     def __init__(self, config: Callable[[], Any], answer: BatchAnswer) -> None:
         self._config_of = config  # the simulator's SimConfig, read at each use (tests change it)
         self._answer = answer  # one results line for one request
-        self._folder = Path(tempfile.mkdtemp(prefix="imagegen-sim-files-"))
+        self._made: Path | None = None  # the folder of file bytes, made at the first upload
         self.files: dict[str, SimFile] = {}
         self.batches: dict[str, SimBatch] = {}
         self._uploads: dict[str, SimFile] = {}
@@ -102,13 +102,23 @@ class BatchService:
         self._uploads.clear()
         self.stats = dict.fromkeys(self.stats, 0)
         self._created = 0
-        shutil.rmtree(self._folder, ignore_errors=True)
-        self._folder.mkdir()
+        self._drop_folder()
 
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self._drop_folder()
+
+    @property
+    def _folder(self) -> Path:
+        if self._made is None:
+            self._made = Path(tempfile.mkdtemp(prefix="imagegen-sim-files-"))
+        return self._made
+
+    def _drop_folder(self) -> None:
+        if self._made is not None:
+            shutil.rmtree(self._made, ignore_errors=True)
+            self._made = None
 
     # Auth and errors
 
