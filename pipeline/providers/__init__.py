@@ -6,6 +6,7 @@ protocol keeps its request body and its reply classification as pure functions b
 
     openai_chat   POST {base_url}/chat/completions (OpenAI-compatible gateways and relays)
     gemini        POST {base_url}/v1beta/models/{model}:generateContent (Google's native API)
+    http          one request to a provider's API: timeouts, aiohttp's exceptions as ours, no redirects
     controller    per-provider concurrency that finds the provider's limit; a circuit breaker
     pool          routes each request to a provider with room, by priority; failover; accounting
 

@@ -29,7 +29,7 @@ from pipeline.errors import FatalError, ItemError, PermanentError, RefusalError,
 from pipeline.extract import extract_images
 from pipeline.manifest import MAX_REFERENCE_BYTES, Item, ProviderSpec
 from pipeline.providers import Generated
-from pipeline.providers.openai_chat import post, request_timeout
+from pipeline.providers.http import request_timeout, send
 from pipeline.secret import Secret
 
 FATAL_STATUSES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "FAILED_PRECONDITION", "NOT_FOUND"}
@@ -150,8 +150,8 @@ class GeminiClient:
         url = f"{self._base}/v1beta/models/{self._model or item.model}:generateContent"
         inline = [await self.inline_reference(ref) for ref in item.images]
         headers = {"x-goog-api-key": self._key.reveal()}
-        status, reply_headers, body = await post(
-            self._session, url, request_body(item, inline), headers, self._timeout, self._key
+        status, reply_headers, body = await send(
+            self._session, "POST", url, request_body(item, inline), headers, self._timeout, self._key
         )
         outcome = classify_gemini(status, reply_headers, body)
         if isinstance(outcome, ItemError):

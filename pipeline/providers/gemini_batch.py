@@ -18,6 +18,7 @@ import aiohttp
 from pipeline.classify import parse_json
 from pipeline.errors import ItemError, RetryableError
 from pipeline.providers.gemini import error_of
+from pipeline.providers.http import send
 from pipeline.secret import Secret
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # as the SDK sends them
@@ -111,19 +112,12 @@ class BatchClient:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         url = path if path.startswith("http") else f"{self._base}{path}"
         sent = {**(self._auth() if keyed else {}), **(headers or {})}
-        payload: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
-        try:
-            async with self._session.request(
-                method, url, headers=sent, timeout=self._timeout, **payload
-            ) as resp:
-                text = (await resp.read()).decode("utf-8", "replace")
-                reply_headers = {k.lower(): v for k, v in resp.headers.items()}
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            reason = self._key.redact(str(exc) or type(exc).__name__)
-            raise RetryableError(f"{method} {path.split('?')[0][:80]}: {reason}", kind="network") from exc
+        status, reply_headers, raw = await send(
+            self._session, method, url, body, sent, self._timeout, self._key
+        )
+        text = raw.decode("utf-8", "replace")
         data = parse_json(text) if text else {}
         if status != 200:
-            error: ItemError = error_of(status, data)
+            error: ItemError = error_of(status, data, None, text)
             raise self._key.scrub(error)
         return (data if isinstance(data, dict) else {}), reply_headers

@@ -1,9 +1,8 @@
 """The OpenAI-compatible chat-completions protocol: one paid generation request per call, its reply
 classified (`pipeline.classify`, provider contract sections 1 and 2).
 
-aiohttp's exceptions become the pipeline's errors here and in the other protocols, nowhere else. The
-API key goes only into the `Authorization` header of requests to `base_url`; redirects from the API
-are not followed.
+The API key goes only into the `Authorization` header of requests to `base_url` (sent through
+`providers.http`, which turns aiohttp's exceptions into the pipeline's and follows no redirect).
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from pipeline.classify import classify, classify_data, rate_headers
 from pipeline.errors import ItemError, NoImageError, RetryableError
 from pipeline.manifest import Item, ProviderSpec
 from pipeline.providers import Generated
+from pipeline.providers.http import request_timeout, send
 from pipeline.secret import Secret
 from pipeline.sse import assemble_stream
-
-MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 
 def request_body(
@@ -72,8 +70,8 @@ class OpenAIChatClient:
         headers = {"Authorization": f"Bearer {self._key.reveal()}"}
         urls = [await self._reference(ref) for ref in item.images]
         body = request_body(item, self._stream, urls, self._model)
-        status, reply_headers, reply = await post(
-            self._session, self._url, body, headers, self._timeout, self._key
+        status, reply_headers, reply = await send(
+            self._session, "POST", self._url, body, headers, self._timeout, self._key
         )
         outcome = self._classify(status, reply_headers, reply)
         if isinstance(outcome, ItemError):
@@ -96,45 +94,3 @@ class OpenAIChatClient:
         if isinstance(outcome, NoImageError) and not complete:
             return RetryableError("the event stream ended early", kind="server_error")
         return outcome
-
-
-def request_timeout(spec: ProviderSpec) -> aiohttp.ClientTimeout:
-    """Connect and read timeouts of their own: a generation may take minutes, a connect may not."""
-    return aiohttp.ClientTimeout(
-        total=spec.timeout_s + spec.connect_timeout_s,
-        sock_connect=spec.connect_timeout_s,
-        sock_read=spec.timeout_s,
-    )
-
-
-async def post(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    limits: aiohttp.ClientTimeout,
-    key: Secret,
-) -> tuple[int, dict[str, str], bytes]:
-    """One JSON POST: its status, lower-cased headers and body (capped); transport failures as
-    RetryableError (timeouts and connection errors), never with the key in them."""
-    try:
-        async with session.post(
-            url, json=body, headers=headers, timeout=limits, allow_redirects=False
-        ) as resp:
-            data = await _read_capped(resp)
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, data
-    except TimeoutError as exc:
-        raise RetryableError("generation request timed out", kind="timeout") from exc
-    except aiohttp.ClientError as exc:
-        reason = key.redact(str(exc) or type(exc).__name__)
-        raise RetryableError(f"connection failed: {reason}", kind="network") from exc
-
-
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_chunked(1 << 20):
-        size += len(chunk)
-        if size > MAX_REPLY_BYTES:
-            raise RetryableError(f"reply larger than {MAX_REPLY_BYTES} bytes", kind="server_error")
-        chunks.append(chunk)
-    return b"".join(chunks)
