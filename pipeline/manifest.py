@@ -403,7 +403,7 @@ def load_manifest(path: Path) -> Manifest:
     problems += _check_providers(manifest, data, path, lines)
     problems += _check_model(manifest, path, lines)
     problems += _check_files(manifest, path, lines)
-    if not problems or len(problems) < MAX_PROBLEMS:
+    if len(problems) < MAX_PROBLEMS:
         problems += _check_prompts(manifest, path, lines, MAX_PROBLEMS - len(problems))
     if problems:
         raise ManifestError(problems)
