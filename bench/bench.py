@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.manifest import iter_items, load_manifest
 from pipeline.simulator import render_png
-from pipeline.state import State
+from pipeline.state import SqliteState
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "output" / "bench"
@@ -184,7 +184,7 @@ def _fake_done(path: Path, output: Path) -> None:
     shutil.rmtree(output, ignore_errors=True)
     (output / "images").mkdir(parents=True)
     picture = render_png(64, 64, "bench")
-    with State(output / "state.db") as state, state.transaction():
+    with SqliteState(output / "state.db") as state, state.transaction():
         for n, item in enumerate(iter_items(load_manifest(path))):
             if n % 50_000 == 0:  # ext4 allows 65,000 links to one file
                 template = output / f"template-{n}.png"

@@ -26,22 +26,22 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiofiles
 import aiohttp
 
 from pipeline.classify import backoff_delay
-from pipeline.download import Downloader, fsync_path
+from pipeline.download import Downloader
 from pipeline.errors import ItemError, StorageError
 from pipeline.manifest import Item, Manifest, iter_items
 from pipeline.plan import Step, plan_items
 from pipeline.presets import expected_size
 from pipeline.providers.gemini import GeminiClient, request_body, results_line
 from pipeline.providers.gemini_batch import BatchClient
-from pipeline.runner import Event, RunOptions, Summary, metadata_row, recorded_run
+from pipeline.runner import Event, RunOptions, Summary, metadata_row, output_identity, recorded_run
 from pipeline.state import OPEN_STAGES
+from pipeline.storage import Store
 
 SUCCEEDED = "BATCH_STATE_SUCCEEDED"
 ENDED = ("BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED")
@@ -54,20 +54,20 @@ class BatchRunner:
     def __init__(
         self,
         manifest: Manifest,
-        output: Path,
+        store: Store,
         options: RunOptions,
         on_event: Callable[[Event], None] = lambda event: None,
         submit_only: bool = False,
     ) -> None:
         self.manifest = manifest
-        self.output = output
+        self.store = store
         self.options = options
         self.summary = Summary(total=manifest.total_items)
         self._endpoint = options.endpoints[0]
         self._on_event = on_event
         self._submit_only = submit_only
         self._stopping = asyncio.Event()
-        self._tag = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:8]
+        self._tag = hashlib.sha256(output_identity(store).encode()).hexdigest()[:8]
         self._submissions: Counter[str] = Counter()  # jobs each item went into during this run
         self._jobs = {"created": 0, "adopted": 0, "collected": 0, "ended": 0}
         self._rng = random.Random()
@@ -83,7 +83,7 @@ class BatchRunner:
         self.stop("interrupted")
 
     async def run(self) -> Summary:
-        with recorded_run(self.output, self.summary) as state:
+        with recorded_run(self.store, self.options.state_url, self.manifest.lease_s, self.summary) as state:
             self._state = state
             try:
                 await self._session()
@@ -100,7 +100,7 @@ class BatchRunner:
             self._api = BatchClient(session, endpoint.base_url, endpoint.key, endpoint.spec.timeout_s)
             self._references = GeminiClient(session, endpoint.base_url, endpoint.key, endpoint.spec)
             self._writer = Downloader(
-                session, self.output, max_bytes=int(self.manifest.download_max_mb * 1_000_000),
+                session, self.store, max_bytes=int(self.manifest.download_max_mb * 1_000_000),
                 timeout_s=endpoint.spec.timeout_s,
             )  # fmt: skip
             try:
@@ -156,7 +156,7 @@ class BatchRunner:
         The first pass of a run also counts what was done or failed for good before it."""
         chunk: list[Item] = []
         budget = self.options.max_requests
-        for item, row, step in plan_items(self.manifest, self._state, self.output, self.options.retry_failed):
+        for item, row, step in plan_items(self.manifest, self._state, self.store, self.options.retry_failed):
             if self._stopping.is_set():
                 return
             if step is Step.DONE:
@@ -199,7 +199,7 @@ class BatchRunner:
         for item in items:
             self._submissions[item.name] += 1
         self.summary.requests += len(items)
-        path = self.output / ".partial" / f"{display_name}.jsonl"
+        path = self.store.spool / f"{display_name}.jsonl"
         async with aiofiles.open(path, "w") as out:
             for item in items:
                 inline = [await self._references.inline_reference(ref) for ref in item.images]
@@ -282,7 +282,7 @@ class BatchRunner:
             for item in iter_items(self.manifest)
             if item.name in members and members[item.name][2] == item.fingerprint
         }
-        path = self.output / ".partial" / f"{display_name}.results.jsonl"
+        path = self.store.spool / f"{display_name}.results.jsonl"
         await self._api.download(results_file, path)
         done = failed = given_back = 0
         with path.open("rb") as lines:  # no line-length cap: a line holds a whole image
@@ -347,7 +347,7 @@ class BatchRunner:
         mismatch = expected is not None and expected != (stored.width, stored.height)
         self._state.record_done(item, metadata_row(item, stored, mismatch, self._endpoint.spec.name))
         if old_file and old_file != stored.file:
-            (self.output / old_file).unlink(missing_ok=True)
+            self.store.delete(old_file)
         self.summary.done += 1
         self.summary.downloads += 1
         self.summary.warnings += mismatch
@@ -362,7 +362,7 @@ class BatchRunner:
     def _commit(self) -> None:
         """Images renamed into place are made durable, then the state that records them."""
         try:
-            fsync_path(self.output / "images")
+            self.store.sync()
         except OSError as exc:
             raise StorageError(f"cannot sync images/: {exc.strerror or exc}") from exc
         self._state.commit()

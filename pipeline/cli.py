@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
 from tqdm import tqdm
 
 from pipeline.batch import BatchRunner
@@ -22,12 +23,13 @@ from pipeline.export import export_webdataset
 from pipeline.manifest import Manifest, ProviderSpec, json_schema, load_manifest
 from pipeline.plan import TYPICAL_LATENCY_S, preferred_price, preview
 from pipeline.report import write_report
-from pipeline.runner import Endpoint, Event, Runner, RunOptions, Summary
+from pipeline.runner import STORAGE_ERRORS, Endpoint, Event, Runner, RunOptions, Summary, output_identity
 from pipeline.secret import Secret
 from pipeline.simulator import SimConfig, Simulator
-from pipeline.state import State
+from pipeline.state import State, check_state_url, is_postgres, open_state
+from pipeline.storage import Store, is_local, open_store
 
-EXIT_USAGE, EXIT_LOCKED = 2, 75
+EXIT_USAGE, EXIT_STORAGE, EXIT_LOCKED = 2, 74, 75
 LOG_EVERY_S = 5.0
 
 
@@ -42,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputLockedError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_LOCKED
+    except STORAGE_ERRORS as exc:  # the state or the output cannot be reached
+        print(f"pipeline: cannot use the state or the output: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
     except KeyboardInterrupt:  # before a run took over the signals: nothing was started
         print("pipeline: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -53,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="generate every item of a manifest (resumable)")
     run.add_argument("manifest", type=Path)
-    run.add_argument("--output", type=Path, help="output folder (default: the manifest's)")
+    run.add_argument(
+        "--output", help="output folder or fsspec URL, e.g. s3://bucket/prefix (default: the manifest's)"
+    )
+    _where_options(run)
     run.add_argument("--concurrency", type=_positive, help="generation requests in flight at most")
     run.add_argument("--retry-failed", action="store_true", help="also retry items failed for good")
     run.add_argument("--dry-run", action="store_true", help="print the plan and its cost; send nothing")
@@ -76,20 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(command=_validate)
 
     status = commands.add_parser("status", help="what an output folder holds, and its last run")
-    status.add_argument("target", type=Path, metavar="OUTPUT|MANIFEST")
+    status.add_argument("target", metavar="OUTPUT|MANIFEST")
     status.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    _where_options(status)
     status.set_defaults(command=_status)
 
     export = commands.add_parser("export", help="write an output folder as WebDataset tar shards")
-    export.add_argument("target", type=Path, metavar="OUTPUT|MANIFEST")
+    export.add_argument("target", metavar="OUTPUT|MANIFEST")
+    _where_options(export)
     export.add_argument("--format", choices=("webdataset",), default="webdataset")
     export.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
-    export.add_argument("--to", type=Path, help="destination folder (default: OUTPUT/webdataset)")
+    export.add_argument("--to", help="destination folder or URL (default: OUTPUT/webdataset)")
     export.set_defaults(command=_export)
 
     report = commands.add_parser("report", help="write OUTPUT/report.html, a page to review the images")
-    report.add_argument("target", type=Path, metavar="OUTPUT|MANIFEST")
-    report.set_defaults(command=lambda args: print(write_report(_output_of(args.target))) or 0)
+    report.add_argument("target", metavar="OUTPUT|MANIFEST")
+    _where_options(report)
+    report.set_defaults(command=lambda args: print(write_report(*_open_target(args))) or 0)
 
     schema = commands.add_parser("schema", help="print the manifest's JSON Schema")
     schema.set_defaults(command=lambda args: print(json.dumps(json_schema(), indent=2)) or 0)
@@ -118,6 +129,43 @@ def _parser() -> argparse.ArgumentParser:
         sim.add_argument(f"--rate-{fault.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{fault}")
     sim.set_defaults(command=_simulate)
     return parser
+
+
+def _where_options(parser: argparse.ArgumentParser) -> None:
+    state_help = "postgresql://user@host:port/db (default: the manifest's, else state.db in the output)"
+    parser.add_argument("--state", metavar="URL", help=state_help)
+    option_help = "for the output's fsspec filesystem, e.g. endpoint_url=http://... (repeatable)"
+    parser.add_argument(
+        "--storage-option", action="append", metavar="KEY=VALUE", default=[], help=option_help
+    )
+
+
+def _storage_options(manifest: Manifest | None, pairs: list[str]) -> dict[str, Any]:
+    """The manifest's storage_options, and --storage-option KEY=VALUE over them (VALUE read as YAML)."""
+    options = dict(manifest.storage_options) if manifest else {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ManifestError([f"--storage-option {pair}: expected KEY=VALUE"])
+        options[key] = yaml.safe_load(value) if value else ""
+    return options
+
+
+def _state_url(args: argparse.Namespace, manifest: Manifest | None) -> str | None:
+    url: str | None = args.state or (manifest.state if manifest else None)
+    problem = check_state_url(url) if url else None
+    if problem:
+        raise ManifestError([f"--state: {problem}"])
+    return url
+
+
+def _open_target(args: argparse.Namespace) -> tuple[Store, State]:
+    """The output (given as itself, or as the manifest that names it) and its state, to read."""
+    target = Path(args.target)
+    manifest = load_manifest(target) if is_local(args.target) and target.is_file() else None
+    url = manifest.output_url(target) if manifest else args.target.rstrip("/") or args.target
+    store = open_store(url, _storage_options(manifest, args.storage_option))
+    return store, open_state(_state_url(args, manifest), output_identity(store), store.local, readonly=True)
 
 
 def _positive(text: str) -> int:
@@ -152,9 +200,14 @@ def _run(args: argparse.Namespace) -> int:
     manifest = _load(args.manifest, quiet=args.quiet or args.log_format == "json")
     if args.concurrency:
         manifest = manifest.model_copy(update={"concurrency": args.concurrency})
-    output = args.output or manifest.output_dir(args.manifest)
+    url = args.output.rstrip("/") if args.output else manifest.output_url(args.manifest)
+    state_url = _state_url(args, manifest)
+    if is_postgres(state_url) and _mode(manifest, args) == "batch":
+        raise ManifestError([f"{args.manifest}: batch mode runs as one worker on a SQLite state, for now"])
+    spool = f"{os.getpid()}-{secrets.token_hex(4)}" if is_postgres(state_url) else ""  # one per worker
+    output = open_store(url, _storage_options(manifest, args.storage_option), spool)
     if args.dry_run:
-        return _dry_run(args, manifest, output)
+        return _dry_run(args, manifest, output, state_url)
     if args.simulate:
         return asyncio.run(_run_simulated(args, manifest, output))
     endpoints = _endpoints(args.manifest, manifest, _selected(manifest, args))
@@ -189,13 +242,17 @@ PLAN_NOTES = {
 }
 
 
-def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
+def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Store, state_url: str | None) -> int:
     mode = _mode(manifest, args)
-    plan = preview(manifest, output, args.retry_failed, mode)
+    try:
+        state: State | None = open_state(state_url, output_identity(output), output.local, readonly=True)
+    except ManifestError:
+        state = None  # it never ran
+    plan = preview(manifest, output, state, args.retry_failed, mode)
     if args.log_format == "json":
-        print(json.dumps({"event": "plan", "output": str(output), **plan.as_dict()}))
+        print(json.dumps({"event": "plan", "output": output.url, **plan.as_dict()}))
         return 0
-    print(f"plan for {args.manifest} -> {output} (nothing is sent)")
+    print(f"plan for {args.manifest} -> {output.url} (nothing is sent)")
     print(f"  {'items':<9}{plan.items:>9}")
     for label, note in PLAN_NOTES.items():
         print(f"  {label:<9}{plan.steps[label]:>9}  {note}".rstrip())
@@ -221,28 +278,26 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _output_of(target: Path) -> Path:
-    """An output folder given as itself, or as the manifest that names it."""
-    if target.is_file():
-        return load_manifest(target).output_dir(target)
-    if not (target / "state.db").is_file():
-        raise ManifestError([f"{target}: no state.db here: not an output folder, or it never ran"])
-    return target
-
-
 def _status(args: argparse.Namespace) -> int:
-    output = _output_of(args.target)
-    with State(output / "state.db", readonly=True) as state:
-        counts, last, jobs = state.counts(), state.last_run(), state.batch_jobs()
+    store, state = _open_target(args)
+    with state:
+        counts, last, jobs, workers = state.counts(), state.last_run(), state.batch_jobs(), state.workers()
+    output = store.url
     providers = ((last or {}).get("summary") or {}).get("providers") or {}
     if args.json:
-        print(json.dumps({"output": str(output), **counts, "providers": providers, "batches": jobs,
-                          "last_run": last}))  # fmt: skip
+        print(json.dumps({"output": output, **counts, "providers": providers, "batches": jobs,
+                          "last_run": last, "workers": workers}))  # fmt: skip
         return 0
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["failed_by_reason"].items()))
     print(f"{output}: {counts['items']} items recorded")
+    pending = f", not started {counts['pending']}" if counts["pending"] else ""
     print(f"  done {counts['done']}, failed {counts['failed']}{f' ({reasons})' if reasons else ''},"
-          f" in progress {counts['in_progress']}")  # fmt: skip
+          f" in progress {counts['in_progress']}{pending}")  # fmt: skip
+    if workers or state.shared:
+        print(f"live workers: {len(workers)}")
+    for worker in workers:
+        print(f"  {worker['worker']}: up {_duration(worker['age_s'])}, {worker['leases']} items leased,"
+              f" last heartbeat {worker['heartbeat_s']} s ago")  # fmt: skip
     if last:
         ended = (
             f"ended {last['ended_at']}, exit {last['exit_code']}"
@@ -261,9 +316,14 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    output = _output_of(args.target)
-    shards = export_webdataset(output, args.to or output / "webdataset", args.shard_size)
-    print(f"{len(shards)} shard(s) of up to {args.shard_size} samples in {args.to or output / 'webdataset'}")
+    store, state = _open_target(args)
+    target, prefix = (
+        (open_store(args.to, _storage_options(None, args.storage_option)), "")
+        if args.to
+        else (store, "webdataset/")
+    )
+    shards = export_webdataset(store, state, target, prefix, args.shard_size)
+    print(f"{len(shards)} shard(s) of up to {args.shard_size} samples in {target.url}/{prefix}")
     return 0
 
 
@@ -308,10 +368,11 @@ def _budget(args: argparse.Namespace, manifest: Manifest) -> dict[str, Any]:
         "max_requests": args.max_requests or manifest.max_requests,
         "max_duration_s": args.max_duration,
         "grace_s": args.grace_s,
+        "state_url": _state_url(args, manifest),
     }
 
 
-async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: Path) -> int:
+async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: Store) -> int:
     key = f"sim-{secrets.token_hex(8)}"
     simulator = Simulator(SimConfig(key=key, latency_s=args.sim_latency, jitter_s=args.sim_latency / 2))
     await simulator.start()
@@ -326,7 +387,7 @@ async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: P
         await simulator.stop()
 
 
-async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Path, options: RunOptions) -> int:
+async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Store, options: RunOptions) -> int:
     display = _Display(args.quiet, args.log_format, sys.stdout)
     runner: Runner | BatchRunner
     if _mode(manifest, args) == "batch":
@@ -336,7 +397,7 @@ async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Path, 
     loop = asyncio.get_running_loop()
     for signum, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
         loop.add_signal_handler(signum, _on_signal(runner, display, name, signum))
-    display.start(runner.summary, output)
+    display.start(runner.summary, output.url)
     ticker = asyncio.create_task(display.tick(runner.summary))
     try:
         summary = await runner.run()
@@ -344,7 +405,7 @@ async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Path, 
         ticker.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-    display.finish(summary, output)
+    display.finish(summary, output.url)
     return summary.exit_code
 
 
@@ -364,12 +425,12 @@ class _Display:
         self._bar: tqdm[Any] | None = None
         self._last_log = time.monotonic()
 
-    def start(self, summary: Summary, output: Path) -> None:
+    def start(self, summary: Summary, output: str) -> None:
         self._emit(
             "run_start",
             f"{summary.total} items -> {output}",
             total=summary.total,
-            output=str(output),
+            output=output,
         )
         if not self._quiet and not self._json and self._out.isatty():
             self._bar = tqdm(total=summary.total, unit="img", dynamic_ncols=True, file=self._out)
@@ -409,7 +470,7 @@ class _Display:
                            f"{sum(summary.failed.values())} failed, {summary.requests} requests",
                            done=finished, total=summary.total)  # fmt: skip
 
-    def finish(self, summary: Summary, output: Path) -> None:
+    def finish(self, summary: Summary, output: str) -> None:
         if self._bar is not None:
             self._bar.n = summary.done + summary.skipped + sum(summary.failed.values())
             self._bar.close()
@@ -432,7 +493,7 @@ class _Display:
                 print(text, file=sys.stderr if err else self._out, flush=True)
 
 
-def format_summary(summary: Summary, output: Path) -> str:
+def format_summary(summary: Summary, output: str) -> str:
     failed = sum(summary.failed.values())
     reasons = ", ".join(f"{k} {v}" for k, v in summary.failed.most_common())
     retries = sum(summary.retries.values())
@@ -444,6 +505,8 @@ def format_summary(summary: Summary, output: Path) -> str:
         f"warnings {summary.warnings}, elapsed {summary.elapsed_s:.1f}s",
         f"output: {output}/ (images/, metadata.jsonl, failures.jsonl)",
     ]
+    if summary.handed_over:
+        lines.insert(1, f"handed over to other workers: {summary.handed_over} (this worker's leases ran out)")
     online = {name: p for name, p in summary.providers.items() if "requests" in p}
     if len(online) > 1 or any(p["disabled"] for p in online.values()):
         lines[-1:-1] = [format_provider(name, figures) for name, figures in online.items()]

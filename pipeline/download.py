@@ -1,9 +1,9 @@
-"""Fetch an image reference into `images/` safely.
+"""Fetch an image reference into the output's `images/` safely.
 
-The bytes stream into `.partial/`, are checked (complete, under the size cap, decodable, of sane
-dimensions), fsynced, and only then renamed into `images/<name>.<ext>`, the extension from the real
-format. (The folder itself is fsynced once per state commit, by the runner.) No request here ever
-carries the API key.
+The bytes stream into the store's spool folder, are checked (complete, under the size cap, decodable,
+of sane dimensions), fsynced when the output is local, and only then put in place as
+`images/<name>.<ext>` (a rename, or one upload), the extension from the real format. (A local folder
+is fsynced once per state commit, by the runner.) No request here ever carries the API key.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import io
 import itertools
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ import aiofiles
 import aiohttp
 from PIL import Image
 
-from pipeline.errors import DownloadError, PermanentError, StorageError, UrlGoneError
+from pipeline.errors import DownloadError, LeaseLost, PermanentError, StorageError, UrlGoneError
 from pipeline.extract import decode_data_uri
+from pipeline.fsync import fsync_path
+from pipeline.storage import Store
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
 MAX_PIXELS = 40_000_000
@@ -46,11 +49,10 @@ class StoredImage:
 
 class Downloader:
     def __init__(
-        self, session: aiohttp.ClientSession, output: Path, *, max_bytes: int, timeout_s: float
+        self, session: aiohttp.ClientSession, store: Store, *, max_bytes: int, timeout_s: float
     ) -> None:
         self._session = session
-        self._output = output
-        self._partial = output / ".partial"
+        self._store = store
         self._serial = itertools.count()
         self._max_bytes = max_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10, sock_read=30)
@@ -60,8 +62,13 @@ class Downloader:
     def close(self) -> None:
         self._workers.shutdown(wait=True, cancel_futures=True)
 
-    async def fetch(self, ref: str, name: str) -> StoredImage:
-        tmp = self._partial / f"{name}.{next(self._serial)}.part"
+    async def fetch(
+        self, ref: str, name: str, *, replace: bool = True, guard: Callable[[], bool] = lambda: True
+    ) -> StoredImage:
+        """The image, verified and in place. With `replace=False` an image already there is taken
+        instead (another worker's, for this item). `guard()` is asked right before the image is put
+        in place: False raises LeaseLost and nothing is written."""
+        tmp = self._store.spool / f"{name}.{next(self._serial)}.part"
         try:
             if ref.startswith("data:"):
                 data: bytes | None = self._inline(ref)
@@ -73,7 +80,7 @@ class Downloader:
                     kind="bad_reference",
                 )
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._workers, self._commit, tmp, name, data)
+            return await loop.run_in_executor(self._workers, self._commit, tmp, name, data, replace, guard)
         except OSError as exc:  # network errors were converted in _stream: this is the disk
             raise StorageError(f"cannot write {name}: {exc.strerror or exc}") from exc
         finally:
@@ -124,8 +131,10 @@ class Downloader:
                 f"image larger than the {self._max_bytes} byte download cap", kind="too_large"
             )
 
-    def _commit(self, tmp: Path, name: str, data: bytes | None) -> StoredImage:
-        """Blocking, in a worker thread: verify, write (if still in memory), flush, rename.
+    def _commit(
+        self, tmp: Path, name: str, data: bytes | None, replace: bool, guard: Callable[[], bool]
+    ) -> StoredImage:
+        """Blocking, in a worker thread: verify, write (if still in memory), flush, put in place.
 
         Each open costs (about 0.2 ms here): an image still in memory is checked and hashed there,
         and its temporary file is opened once, to write it.
@@ -136,18 +145,38 @@ class Downloader:
             raise PermanentError(f"refused image: {exc}", kind="too_large") from exc
         except ValueError as exc:
             raise DownloadError(f"not a usable image: {exc}", kind="bad_image") from exc
+        durable = self._store.local is not None  # an upload is durable when it returns
         if data is None:
-            fsync_path(tmp)
+            if durable:
+                fsync_path(tmp)
             digest, size = file_digest(tmp)
         else:
             with tmp.open("wb") as out:
                 out.write(data)
                 out.flush()
-                FDATASYNC(out.fileno())
+                if durable:
+                    FDATASYNC(out.fileno())
             digest, size = hashlib.sha256(data).hexdigest(), len(data)
         relative = f"images/{name}.{ext}"
-        tmp.replace(self._output / relative)  # the runner fsyncs images/ before recording it
+        if not guard():
+            raise LeaseLost(f"{name}: another worker took this item over")
+        if not self._store.put(tmp, relative, replace=replace):  # the runner syncs before recording it
+            found = stored_image(self._store, relative)
+            if found is None:
+                raise StorageError(f"{relative} exists and is not a usable image")
+            return found
         return StoredImage(relative, digest, size, width, height)
+
+
+def stored_image(store: Store, relative: str) -> StoredImage | None:
+    """An image already in the store, verified (None when it is not a usable image)."""
+    with store.open(relative) as handle:
+        data = handle.read()
+    try:
+        _, width, height = inspect_image(io.BytesIO(data))
+    except ValueError:
+        return None
+    return StoredImage(relative, hashlib.sha256(data).hexdigest(), len(data), width, height)
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -183,12 +212,3 @@ def inspect_image(path: Path | io.BytesIO) -> tuple[str, int, int]:
         raise TooManyPixels(str(exc)) from exc
     except (OSError, SyntaxError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from exc
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder's entries (a rename), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,6 +39,10 @@ class StorageError(PipelineError):
     """Writing to the output folder failed: the run stops; what was recorded stays resumable."""
 
 
+class LeaseLost(PipelineError):
+    """Another worker took this item over (our lease ran out): record and overwrite nothing for it."""
+
+
 class ItemError(PipelineError):
     """One attempt at one item failed. `kind` is the failure's name in failures.jsonl."""
 

@@ -33,6 +33,8 @@ from pipeline.download import file_digest, inspect_image
 from pipeline.errors import ManifestError
 from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE, IMAGE_SIZES, MODELS, SEED
 from pipeline.sources import SourceRow, decode_text, read_rows
+from pipeline.state import check_state_url
+from pipeline.storage import is_local, local_path
 
 AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
@@ -199,6 +201,9 @@ class Manifest(_Strict):
     max_requests: Annotated[int, Field(ge=1)] | None = None
     healthcheck_url: str | None = None
     price_per_image: Annotated[float, Field(ge=0)] | None = None  # USD; default: the model's list price
+    state: Annotated[str, Field(min_length=1)] | None = None  # postgresql://... (default: SQLite in output)
+    storage_options: dict[str, Any] = {}  # passed to the output's fsspec filesystem (endpoint_url, ...)
+    lease_s: Annotated[float, Field(gt=0, le=86400)] = 120.0  # a shared state's item leases
     defaults: Defaults = Defaults()
     jobs: Annotated[list[Job], Field(min_length=1)]
     _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest
@@ -228,8 +233,21 @@ class Manifest(_Strict):
 
     _http = field_validator("healthcheck_url")(lambda value: _http_url(value))
 
-    def output_dir(self, source: Path) -> Path:
-        return Path(self.output) if self.output else Path("output") / (self.name or source.stem)
+    @field_validator("state")
+    @classmethod
+    def _state_url(cls, value: str | None) -> str | None:
+        problem = check_state_url(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def output_url(self, source: Path) -> str:
+        """Where the output goes: a local folder (relative to the working directory) or an fsspec URL."""
+        if self.output and not is_local(self.output):
+            return self.output.rstrip("/")
+        return str(
+            Path(local_path(self.output)) if self.output else Path("output") / (self.name or source.stem)
+        )
 
     @property
     def generation_limit(self) -> int:

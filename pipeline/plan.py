@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PERMANENT_KINDS
 from pipeline.manifest import Item, Manifest, iter_items
 from pipeline.presets import list_price
 from pipeline.state import Row, State
+from pipeline.storage import Store
 
 BATCH_DISCOUNT = 0.5  # Batch Mode costs half the list price
 TYPICAL_LATENCY_S = 15.0  # a generation takes 5-15 s as documented, 8-30 s in real traffic
@@ -36,7 +36,7 @@ class Step(Enum):
 def decide(
     item: Item, row: Row | None, image_exists: bool, now: float, url_ttl_s: float, retry_failed: bool
 ) -> Step:
-    if row is None:
+    if row is None or row.status == "new":
         return Step.GENERATE
     if row.image_fp == item.fingerprint and image_exists:
         return Step.DONE
@@ -51,14 +51,20 @@ def decide(
     return Step.GENERATE
 
 
+def step_of(item: Item, row: Row | None, store: Store, url_ttl_s: float, retry_failed: bool) -> Step:
+    """What an item needs, looking in the store only when the state says its image is current."""
+    current = row is not None and row.file is not None and row.image_fp == item.fingerprint
+    exists = current and row is not None and row.file is not None and store.exists(row.file)
+    return decide(item, row, exists, time.time(), url_ttl_s, retry_failed)
+
+
 def plan_items(
-    manifest: Manifest, state: State | None, output: Path, retry_failed: bool
+    manifest: Manifest, state: State | None, store: Store, retry_failed: bool
 ) -> Iterator[tuple[Item, Row | None, Step]]:
     """Every item with its state row and what it needs, one at a time."""
     for item in iter_items(manifest):
         row = state.get(item) if state else None
-        exists = row is not None and row.file is not None and (output / row.file).exists()
-        yield item, row, decide(item, row, exists, time.time(), manifest.url_ttl_s, retry_failed)
+        yield item, row, step_of(item, row, store, manifest.url_ttl_s, retry_failed)
 
 
 @dataclass
@@ -94,14 +100,16 @@ LABELS = ("new", "changed", "done", "failed", "retry", "download", "resume")
 PAID = ("new", "changed", "retry", "resume")
 
 
-def preview(manifest: Manifest, output: Path, retry_failed: bool, mode: str = "online") -> Preview:
+def preview(
+    manifest: Manifest, store: Store, state: State | None, retry_failed: bool, mode: str = "online"
+) -> Preview:
+    """The plan of a run on `store` with its `state` (None: it never ran)."""
     result = Preview(concurrency=manifest.generation_limit)
     price = preferred_price(manifest, mode)
     discount = BATCH_DISCOUNT if mode == "batch" else 1.0
-    path = output / "state.db"
-    with State(path, readonly=True) if path.exists() else contextlib.nullcontext() as state:
+    with state if state is not None else contextlib.nullcontext():
         matched = 0
-        for item, row, step in plan_items(manifest, state, output, retry_failed):
+        for item, row, step in plan_items(manifest, state, store, retry_failed):
             result.items += 1
             matched += row is not None
             label = _label(item, row, step)
@@ -133,7 +141,7 @@ def preferred_price(manifest: Manifest, mode: str = "online") -> float | None:
 
 def _label(item: Item, row: Row | None, step: Step) -> str:
     if step is Step.GENERATE:
-        if row is None:
+        if row is None or (row.status == "new" and row.fp == item.fingerprint):
             return "new"
         return "changed" if row.fp != item.fingerprint else "retry"
     labels = {Step.DOWNLOAD: "download", Step.ADOPT: "resume"}

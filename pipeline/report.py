@@ -16,39 +16,48 @@ from typing import Any
 from PIL import Image
 
 from pipeline.state import State
+from pipeline.storage import Store
 
 THUMB_PX = 256
 MAX_CARDS = 5000  # beyond this the page would be too heavy to be useful; status has the counts
 
 
-def write_report(output: Path) -> Path:
-    with State(output / "state.db", readonly=True) as state:
+def write_report(store: Store, state: State) -> str:
+    """Write `report.html` (and the thumbnails it needs) into the output; where it is."""
+    with state:
         images = [json.loads(line) for _, line in zip(range(MAX_CARDS), state.images(), strict=False)]
         failures = list(state.failures())
         counts, last = state.counts(), state.last_run()
-    for row in images:
-        row["thumb"] = _thumbnail(output, row["file_name"])
-    page = output / "report.html"
-    tmp = page.with_name(".report.html.tmp")
-    tmp.write_text(_html(output, images, failures, counts, last), encoding="utf-8")
-    tmp.replace(page)
-    return page
+    store.prepare()
+    try:
+        for row in images:
+            row["thumb"] = _thumbnail(store, row["file_name"])
+        page = store.spool / ".report.html.tmp"
+        page.write_text(_html(store.url, images, failures, counts, last), encoding="utf-8")
+        store.put(page, "report.html", replace=True)
+    finally:
+        store.close()
+    return f"{store.url}/report.html"
 
 
-def _thumbnail(output: Path, file_name: str) -> str:
-    source = output / file_name
+def _thumbnail(store: Store, file_name: str) -> str:
+    """A thumbnail, made once (again when its image is newer, in a local folder)."""
     relative = f"thumbs/{Path(file_name).stem}.jpg"
-    thumb = output / relative
-    if not thumb.exists() or thumb.stat().st_mtime < source.stat().st_mtime:
-        thumb.parent.mkdir(exist_ok=True)
-        with Image.open(source) as image:
-            image.thumbnail((THUMB_PX, THUMB_PX))
-            image.convert("RGB").save(thumb, "JPEG", quality=80)
+    if store.exists(relative) and (
+        store.local is None
+        or (store.local / relative).stat().st_mtime >= (store.local / file_name).stat().st_mtime
+    ):
+        return relative
+    tmp = store.spool / f".{Path(relative).name}"
+    with store.open(file_name) as source, Image.open(source) as image:
+        image.thumbnail((THUMB_PX, THUMB_PX))
+        image.convert("RGB").save(tmp, "JPEG", quality=80)
+    store.put(tmp, relative, replace=True)
     return relative
 
 
 def _html(
-    output: Path,
+    output: str,
     images: list[dict[str, Any]],
     failures: list[dict[str, Any]],
     counts: dict[str, Any],
@@ -64,7 +73,7 @@ def _html(
     )
     options = "".join(f"<option>{escape(job)}</option>" for job in jobs)
     return PAGE.format(
-        title=escape(str(output)),
+        title=escape(output),
         figures=_figures(counts, last),
         options=options,
         cards=cards,

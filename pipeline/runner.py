@@ -8,18 +8,23 @@ since its item already holds a slot, starts the moment its URL arrives (URLs exp
 are slow, it is generation that waits, never a paid URL). Each item's life is one coroutine; a
 failure is recorded, never raised. The core never prints: it reports through `on_event` and the
 returned `Summary`.
+
+With a shared state (`pipeline.state.postgres`) many such runners, anywhere, work on one output:
+items are claimed in small chunks as they are reached (those another worker holds are tried again
+later, so a dead worker's items are taken over once its leases run out), a heartbeat renews the
+leases and sets this worker's share of every limit, and every write is fenced by the item's lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,27 +35,30 @@ from aiolimiter import AsyncLimiter
 
 from pipeline.classify import backoff_delay
 from pipeline.dataset import write_dataset
-from pipeline.download import EXTENSIONS, Downloader, StoredImage, file_digest, fsync_path, inspect_image
+from pipeline.download import EXTENSIONS, Downloader, StoredImage, stored_image
 from pipeline.errors import (
     DownloadError,
     FatalError,
     ItemError,
+    LeaseLost,
     NoImageError,
     StorageError,
     UrlGoneError,
 )
 from pipeline.healthcheck import ping
-from pipeline.lock import claimed
-from pipeline.manifest import Item, Manifest, ProviderSpec
+from pipeline.lock import OutputLock, claimed
+from pipeline.manifest import Item, Manifest, ProviderSpec, iter_items
 from pipeline.metrics import Histogram
-from pipeline.plan import Step, plan_items
+from pipeline.plan import Step, step_of
 from pipeline.presets import expected_size
 from pipeline.providers import connect
 from pipeline.providers.pool import Member, Pool
 from pipeline.secret import Secret
-from pipeline.state import Row, State
+from pipeline.state import DATABASE_ERRORS, Row, State, is_postgres, open_state
+from pipeline.storage import Store
 
-STORAGE_ERRORS = (StorageError, sqlite3.Error)
+STORAGE_ERRORS: tuple[type[Exception], ...] = (StorageError, OSError, *DATABASE_ERRORS)
+CLAIM_EVERY = 32  # items looked at, and claimed, at a time
 DOWNLOAD_TRIES = 3
 THROTTLES_PER_ATTEMPT = 10  # 429s an item may meet per attempt it is allowed
 YIELD_EVERY = 256  # planning items that need nothing gives the event loop a turn this often
@@ -73,6 +81,7 @@ class RunOptions:
     max_requests: int | None = None
     max_duration_s: float | None = None
     grace_s: float = 30.0
+    state_url: str | None = None  # postgresql://... or a SQLite file (default: state.db in the output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,7 @@ class Summary:
     downloads: int = 0
     warnings: int = 0
     elapsed_s: float = 0.0
+    handed_over: int = 0  # items another worker took over (this one's lease ran out)
     stopped: str | None = None  # why the run stopped taking new items early
     fatal: str | None = None
     storage: str | None = None  # the output could not be written
@@ -103,7 +113,7 @@ class Summary:
 
     @property
     def remaining(self) -> int:
-        return self.total - self.done - self.skipped - sum(self.failed.values())
+        return self.total - self.done - self.skipped - sum(self.failed.values()) - self.handed_over
 
     @property
     def exit_code(self) -> int:
@@ -120,6 +130,7 @@ class Summary:
             "total": self.total, "done": self.done, "skipped": self.skipped,
             "failed": dict(self.failed), "remaining": self.remaining, "requests": self.requests,
             "retries": dict(self.retries), "downloads": self.downloads, "warnings": self.warnings,
+            "handed_over": self.handed_over,
             "elapsed_s": round(self.elapsed_s, 3), "stopped": self.stopped, "fatal": self.fatal,
             "storage": self.storage, "providers": self.providers,
             "download_wait_ms": {
@@ -133,17 +144,18 @@ class Runner:
     def __init__(
         self,
         manifest: Manifest,
-        output: Path,
+        store: Store,
         options: RunOptions,
         on_event: Callable[[Event], None] = lambda event: None,
     ) -> None:
         self.manifest = manifest
-        self.output = output
+        self.store = store
         self.options = options
         self.summary = Summary(total=manifest.total_items)
         self._on_event = on_event
         self._rng = random.Random()
         rpm = manifest.requests_per_minute if manifest.providers else None  # else the default provider's
+        self._rpm = rpm
         self._rate = AsyncLimiter(1, 60.0 / rpm) if rpm else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -151,7 +163,7 @@ class Runner:
         self._written = asyncio.Event()  # state writes await the committer
 
     async def run(self) -> Summary:
-        with recorded_run(self.output, self.summary) as state:
+        with recorded_run(self.store, self.options.state_url, self.manifest.lease_s, self.summary) as state:
             self._state = state
             try:
                 await self._run_all()
@@ -187,12 +199,16 @@ class Runner:
         async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
             self._pool = self._build_pool(session)
             self._downloader = Downloader(
-                session, self.output, max_bytes=int(self.manifest.download_max_mb * 1_000_000),
+                session, self.store, max_bytes=int(self.manifest.download_max_mb * 1_000_000),
                 timeout_s=max(e.spec.timeout_s for e in self.options.endpoints),
             )  # fmt: skip
             healthcheck = self.manifest.healthcheck_url
             await ping(session, healthcheck, "/start")
             helpers = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._committer())]
+            if self._state.shared:
+                self._state.register()
+                await self._take_shares()
+                helpers.append(asyncio.create_task(self._heartbeat()))
             try:
                 await self._feed(asyncio.Semaphore(limit))
             finally:
@@ -220,33 +236,88 @@ class Runner:
         self._on_event(Event(kind, "", message, provider))
 
     async def _feed(self, slots: asyncio.Semaphore) -> None:
+        """Every item in manifest order, a chunk at a time; then, with a shared state, the items other
+        workers held when this one looked, until each is settled (by them, or taken over)."""
         async with asyncio.TaskGroup() as group:
-            plan = plan_items(self.manifest, self._state, self.output, self.options.retry_failed)
-            for n, (item, row, step) in enumerate(plan):
-                if n % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # skipping done items must not starve signals and work
-                if self._stopping.is_set():
-                    break
-                if step is Step.DONE:
-                    self.summary.skipped += 1
-                    continue
-                if step is Step.FAILED and row:
-                    self.summary.failed[row.error_type or "error"] += 1
-                    continue
-                await slots.acquire()
-                task = group.create_task(self._process(item, step, row))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                task.add_done_callback(lambda _: slots.release())
+            held: list[Item] = []
+            chunk = CLAIM_EVERY if self._state.shared else YIELD_EVERY
+            items = iter(iter_items(self.manifest))
+            while (batch := list(itertools.islice(items, chunk))) and not self._stopping.is_set():
+                await asyncio.sleep(0)  # skipping done items must not starve signals and work
+                held += await self._take(batch, slots, group)
+            while held and not self._stopping.is_set():
+                await self._pause(self._state.heartbeat_s)
+                held = await self._take(held, slots, group)
+
+    async def _take(
+        self, items: list[Item], slots: asyncio.Semaphore, group: asyncio.TaskGroup
+    ) -> list[Item]:
+        """Start the items that need work and this worker may claim; the ones another worker holds."""
+        wanted = [
+            (item, row)
+            for item, row in zip(items, self._state.rows(items), strict=True)
+            if self._needs(item, row)
+        ]
+        if not self._state.shared:
+            granted = wanted
+        else:
+            granted = self._state.claim(wanted)
+            done = [item for item, row in granted if not self._needs(item, row)]  # settled meanwhile
+            self._state.release(done)
+            granted = [(item, row) for item, row in granted if item not in done]
+        taken = {item.name for item, _ in granted}
+        for item, row in granted:
+            await slots.acquire()
+            if self._stopping.is_set():
+                slots.release()
+                break
+            task = group.create_task(self._process(item, self._step(item, row), row))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: slots.release())
+        return [item for item, _ in wanted if item.name not in taken]
+
+    def _step(self, item: Item, row: Row | None) -> Step:
+        return step_of(item, row, self.store, self.manifest.url_ttl_s, self.options.retry_failed)
+
+    def _needs(self, item: Item, row: Row | None) -> bool:
+        """Whether the item needs work; counts it as skipped or failed when it does not."""
+        step = self._step(item, row)
+        if step is Step.DONE:
+            self.summary.skipped += 1
+        elif step is Step.FAILED and row:
+            self.summary.failed[row.error_type or "error"] += 1
+        return step not in (Step.DONE, Step.FAILED)
+
+    def _limits(self) -> dict[str, int]:
+        """The limits shared by the workers: the pool's, and each provider's concurrency."""
+        return {"": self.manifest.generation_limit} | {m.name: m.spec.concurrency for m in self._pool.members}
+
+    async def _take_shares(self) -> None:
+        in_flight = {"": self._pool.in_flight} | {m.name: m.controller.in_flight for m in self._pool.members}
+        shares, workers = self._state.heartbeat(self._limits(), in_flight)
+        await self._pool.share(shares, workers)
+        if self._rpm:
+            self._rate = AsyncLimiter(1, 60.0 * workers / self._rpm)
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases and retake this worker's shares, until the run ends."""
+        while True:
+            await asyncio.sleep(self._state.heartbeat_s)
+            try:
+                await self._take_shares()
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(exc)
+                return
 
     async def _committer(self) -> None:
         """Group commit: wake on the first write, commit everything written meanwhile at once."""
         while True:
             await self._written.wait()
             self._written.clear()
-            if self._next_commit is not None:  # images were renamed into place: make that durable first
+            if self._next_commit is not None:  # images were put in place: make that durable first
                 try:
-                    await asyncio.to_thread(fsync_path, self.output / "images")
+                    await asyncio.to_thread(self.store.sync)
                 except OSError as exc:
                     self._storage_failed(exc)
             self._commit()
@@ -256,7 +327,7 @@ class Runner:
         waiting, self._next_commit = self._next_commit, None
         try:
             self._state.commit()
-        except sqlite3.Error as exc:
+        except DATABASE_ERRORS as exc:
             self._storage_failed(exc)
             if waiting:
                 waiting.set_exception(exc)
@@ -285,6 +356,9 @@ class Runner:
     async def _process(self, item: Item, step: Step, row: Row | None) -> None:
         try:
             await self._work(item, step, row)
+        except LeaseLost as exc:
+            self.summary.handed_over += 1
+            self._emit("warning", item, str(exc))
         except STORAGE_ERRORS as exc:
             self._storage_failed(exc)
 
@@ -323,7 +397,7 @@ class Runner:
                 self._state.record_generated(item, url, attempts, provider)
                 self._written.set()  # a paid URL: commit it now, without waiting for it
             try:
-                stored = await self._download(item, ref, received_at)
+                stored = await self._download(item, ref, received_at, old_file)
             except ItemError as exc:
                 ref = None
                 if isinstance(exc, UrlGoneError | DownloadError) and attempts < self.manifest.max_attempts:
@@ -380,12 +454,17 @@ class Runner:
     def _backoff(self, attempt: int) -> float:
         return backoff_delay(attempt, self._rng, self.manifest.backoff_base_s, self.manifest.backoff_cap_s)
 
-    async def _download(self, item: Item, ref: str, received_at: float) -> StoredImage:
+    async def _download(self, item: Item, ref: str, received_at: float, old_file: str | None) -> StoredImage:
         for tries in range(1, DOWNLOAD_TRIES + 1):
             try:
                 if tries == 1:
                     self.summary.download_wait.add(time.monotonic() - received_at)
-                stored = await self._downloader.fetch(ref, item.name)
+                stored = await self._downloader.fetch(
+                    ref,
+                    item.name,
+                    replace=not self._state.shared or old_file is not None,
+                    guard=lambda: self._state.holds(item),
+                )
                 self.summary.downloads += 1
                 return stored
             except DownloadError as exc:
@@ -399,17 +478,14 @@ class Runner:
         """A file that landed before a crash lost its state write: verify it and take it."""
         recorded = self._state.image_sha256(item)  # the previous image, if any: not a new one
         # Exact names only: ids may hold dots, so a glob `<name>.*` could match another item's file.
-        candidates = (self.output / "images" / f"{item.name}.{ext}" for ext in EXTENSIONS.values())
-        for path in (candidate for candidate in candidates if candidate.exists()):
-            digest, size = file_digest(path)
-            if digest == recorded:
+        candidates = (f"images/{item.name}.{ext}" for ext in EXTENSIONS.values())
+        for relative in (candidate for candidate in candidates if self.store.exists(candidate)):
+            stored = await asyncio.to_thread(stored_image, self.store, relative)
+            if stored is None:
+                self.store.delete(relative)
                 continue
-            try:
-                _, width, height = inspect_image(path)
-            except ValueError:
-                path.unlink()
+            if stored.sha256 == recorded:
                 continue
-            stored = StoredImage(f"images/{path.name}", digest, size, width, height)
             await self._finish(item, stored, old_file, provider)
             return True
         return False
@@ -423,7 +499,7 @@ class Runner:
         self._state.record_done(item, metadata_row(item, stored, mismatch, provider))
         await self._durable()
         if old_file and old_file != stored.file:
-            (self.output / old_file).unlink(missing_ok=True)  # the image this one replaces
+            self.store.delete(old_file)  # the image this one replaces
         self.summary.done += 1
         if mismatch and expected:
             self.summary.warnings += 1
@@ -442,25 +518,42 @@ class Runner:
 
 
 @contextmanager
-def recorded_run(output: Path, summary: Summary) -> Iterator[State]:
-    """The output claimed for one run and its state store open; the run recorded at its start, and at
-    its end with its summary, once the dataset files are rewritten from the state. A storage failure
-    anywhere ends up in `summary.storage` (exit 74)."""
+def recorded_run(store: Store, state_url: str | None, lease_s: float, summary: Summary) -> Iterator[State]:
+    """The output claimed for one run (a shared state needs no lock) and its state store open; the run
+    recorded at its start, and at its end with its summary, once the dataset files are rewritten from
+    the state. A storage failure anywhere ends up in `summary.storage` (exit 74)."""
     started = time.monotonic()
-    with claimed(output):
-        state = State(output / "state.db")
+    with _locked(store, state_url):
+        store.prepare()
+        state = open_state(state_url, output_identity(store), store.local, lease_s=lease_s)
         try:
             state.begin()
             run_id = state.start_run()
             state.commit()
             yield state
             summary.elapsed_s = time.monotonic() - started
-            write_dataset(state, output)
+            state.retire()
+            write_dataset(state, store)
             state.end_run(run_id, summary.exit_code, summary.as_dict())
         except STORAGE_ERRORS as exc:
             summary.storage = summary.storage or str(exc)
         finally:
             state.close()
+            store.close()
+
+
+def _locked(store: Store, state_url: str | None) -> AbstractContextManager[Any]:
+    """One worker at a time on an output whose state is a SQLite file (its folder's lock)."""
+    if is_postgres(state_url):
+        return nullcontext()
+    if store.local is not None and state_url is None:
+        return claimed(store.local)
+    return OutputLock(Path(state_url).parent if state_url else Path())
+
+
+def output_identity(store: Store) -> str:
+    """The output as a shared state records it: the same for every worker (an absolute path)."""
+    return str(store.local.resolve()) if store.local is not None else store.url
 
 
 def metadata_row(item: Item, stored: StoredImage, mismatch: bool, provider: str | None) -> dict[str, Any]:

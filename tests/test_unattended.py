@@ -74,12 +74,12 @@ def test_disk_full_while_writing_an_image(tmp_path: Path, sim: Simulator, monkey
                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     real_commit, calls = Downloader._commit, []
 
-    def full_disk(self: Downloader, tmp: Path, name: str, data: bytes | None) -> object:
+    def full_disk(self: Downloader, tmp: Path, name: str, data: bytes | None, *rest: object) -> object:
         calls.append(tmp)
         if len(calls) == 3:
             tmp.write_bytes((data or b"")[:100])  # half-written, as a full disk leaves it
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_commit(self, tmp, name, data)
+        return real_commit(self, tmp, name, data, *rest)
 
     monkeypatch.setattr(Downloader, "_commit", full_disk)
     manifest = write_manifest(tmp_path, [{"id": "d", "prompt": "disk", "count": 6}], concurrency=1)

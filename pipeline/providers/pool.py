@@ -66,6 +66,15 @@ class Member:
         self.rate = AsyncLimiter(1, 60.0 / spec.requests_per_minute) if spec.requests_per_minute else None
         self.stats = ProviderStats()
         self.repeated: tuple[str, int] = ("", 0)  # the last permanent error, and items in a row
+        self.share: int | None = None  # this worker's part of `concurrency`, when workers share it
+
+    def take_share(self, share: int, workers: int) -> None:
+        """This worker's part of the provider's limits: `share` requests in flight, and an even part
+        of its requests_per_minute."""
+        self.share = share
+        rpm = self.spec.requests_per_minute
+        if rpm:
+            self.rate = AsyncLimiter(1, 60.0 * workers / rpm)
 
     @property
     def name(self) -> str:
@@ -76,7 +85,8 @@ class Member:
             return 0
         if self.rate is not None and not self.rate.has_capacity():
             return 0
-        return self.controller.room(now)
+        room = self.controller.room(now)
+        return room if self.share is None else min(room, self.share - self.controller.in_flight)
 
     def wakes_at(self, now: float) -> float | None:
         """When this provider may have room again without a request finishing, if it is waiting."""
@@ -98,6 +108,18 @@ class Pool:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {m.name: m.stats.as_dict() for m in self.members}
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def share(self, shares: dict[str, int], workers: int) -> None:
+        """Take this worker's shares of the limits (key "" is the pool's): see pipeline.state.postgres."""
+        async with self._changed:
+            self._limit = shares[""]
+            for member in self.members:
+                member.take_share(shares[member.name], workers)
+            self._changed.notify_all()
 
     async def generate(self, item: Item, gate: Callable[[], bool]) -> tuple[Generated, str] | None:
         """One generation on the best provider: its reply and the provider's name. `gate()` is asked

@@ -1,0 +1,73 @@
+"""The state store, the single source of truth of an output: `State` is the interface.
+
+Two backends: `sqlite` (the default: one file in the output folder, one worker under the folder's
+lock) and `postgres` (one database shared by any number of workers, with leases; `pip install
+'imagegen-pipeline[postgres]'`). `open_state` picks one from the state URL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipeline.errors import ManifestError
+from pipeline.state.base import OPEN_STAGES, BatchRow, Row, State
+from pipeline.state.sqlite import SqliteState
+
+__all__ = ["DATABASE_ERRORS", "OPEN_STAGES", "BatchRow", "Row", "SqliteState", "State", "open_state"]
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
+
+
+DATABASE_ERRORS = _database_errors()  # a state that cannot be read or written: the run stops (exit 74)
+
+
+def is_postgres(url: str | None) -> bool:
+    return url is not None and urlsplit(url).scheme in POSTGRES_SCHEMES
+
+
+def check_state_url(url: str) -> str | None:
+    """What is wrong with a state URL, if anything (without repeating a password in it)."""
+    if not is_postgres(url):
+        return None if "://" not in url else "must be postgresql://... or the path of a SQLite file"
+    parts = urlsplit(url)
+    if parts.password is not None or "password=" in parts.query:
+        return "holds a password: put it in PGPASSWORD or ~/.pgpass (libpq reads both), not in the URL"
+    return None
+
+
+def open_state(
+    url: str | None, output: str, folder: Path | None, *, readonly: bool = False, lease_s: float = 120.0
+) -> State:
+    """The state of an output: `url` (postgresql://... or a SQLite file), else `state.db` in the local
+    output `folder`. Raises ManifestError when there is none to read, or no way to keep one."""
+    if is_postgres(url):
+        assert url is not None
+        problem = check_state_url(url)
+        if problem:
+            raise ManifestError([f"state: {problem}"])
+        try:
+            from pipeline.state.postgres import PostgresState
+        except ImportError as exc:
+            raise ManifestError(
+                [f"state {url}: needs psycopg: pip install 'imagegen-pipeline[postgres]' ({exc})"]
+            ) from exc
+        return PostgresState(url, output, readonly=readonly, lease_s=lease_s)
+    if url is None and folder is None:
+        raise ManifestError([
+            f"output {output}: an object-store output needs a state URL: --state postgresql://...,"
+            " or the path of a SQLite file for a single worker"
+        ])  # fmt: skip
+    path = Path(url) if url else Path(folder or ".") / "state.db"
+    if readonly and not path.is_file():
+        raise ManifestError([f"{path}: no state here: not an output, or it never ran"])
+    return SqliteState(path, readonly=readonly)
