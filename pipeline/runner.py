@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import random
 import time
@@ -206,6 +207,7 @@ class Runner:
             await ping(session, healthcheck, "/start")
             helpers = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._committer())]
             if self._state.shared:
+                self._seed()
                 self._state.register()
                 await self._take_shares()
                 helpers.append(asyncio.create_task(self._heartbeat()))
@@ -258,14 +260,12 @@ class Runner:
             for item, row in zip(items, self._state.rows(items), strict=True)
             if self._needs(item, row)
         ]
-        if not self._state.shared:
-            granted = wanted
-        else:
-            granted = self._state.claim(wanted)
-            done = [item for item, row in granted if not self._needs(item, row)]  # settled meanwhile
-            self._state.release(done)
-            granted = [(item, row) for item, row in granted if item not in done]
+        granted = self._state.claim(wanted) if self._state.shared else wanted
         taken = {item.name for item, _ in granted}
+        if self._state.shared:
+            settled = [item for item, row in granted if not self._needs(item, row)]  # by another, meanwhile
+            self._state.release(settled)
+            granted = [(item, row) for item, row in granted if item not in settled]
         for item, row in granted:
             await slots.acquire()
             if self._stopping.is_set():
@@ -276,6 +276,13 @@ class Runner:
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(lambda _: slots.release())
         return [item for item, _ in wanted if item.name not in taken]
+
+    def _seed(self) -> None:
+        """The manifest's items into the shared state, by the first worker; the others wait for it."""
+        digest = hashlib.sha256()
+        for item in iter_items(self.manifest):
+            digest.update(f"{item.name}\x1f{item.fingerprint}\n".encode())
+        self._state.seed(lambda: iter_items(self.manifest), digest.hexdigest())
 
     def _step(self, item: Item, row: Row | None) -> Step:
         return step_of(item, row, self.store, self.manifest.url_ttl_s, self.options.retry_failed)

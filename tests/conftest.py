@@ -71,3 +71,48 @@ def assert_dataset_consistent(output: Path) -> list[dict[str, Any]]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def _postgres() -> Iterator[Any]:
+    from tests.servers import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+    with postgres_server() as server, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGPASSWORD", server.password)  # read by libpq, as a user's would be
+        yield server
+
+
+@pytest.fixture
+def pg_url(_postgres: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the session's PostgreSQL server: postgresql://pipeline@127.0.0.1:PORT/NAME."""
+    import re
+
+    return str(_postgres.create_database(re.sub(r"\W", "_", request.node.name)[:40] + f"_{id(request)}"))
+
+
+@pytest.fixture(scope="session")
+def _s3() -> Iterator[Any]:
+    from tests.servers import S3_ENV, s3_server
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in S3_ENV.items():
+            patch.setenv(name, value)
+        with s3_server() as server:
+            patch.setenv("AWS_ENDPOINT_URL", server.endpoint)  # any S3 client that is not told: ours
+            yield server
+
+
+@pytest.fixture
+def s3_url(_s3: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the session's S3 server, as s3://BUCKET/out; endpoint in `s3_options`."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{id(request) % 10**6}"
+    return f"{_s3.bucket(name)}/out"
+
+
+@pytest.fixture
+def s3_options(_s3: Any) -> dict[str, str]:
+    return {"endpoint_url": _s3.endpoint}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -122,6 +122,11 @@ class State:
             (item.id, item.index),
         ).fetchone()
         return Row(*found) if found else None
+
+    def seed(self, items: Callable[[], Iterable[Item]], digest: str) -> bool:
+        """Enter the manifest's items for the workers to claim, once per `digest` of them (a shared
+        state; whether this call entered them)."""
+        return False
 
     def rows(self, items: list[Item]) -> list[Row | None]:
         return [self.get(item) for item in items]
