@@ -18,6 +18,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.batch import BatchRunner
+from pipeline.cluster import run_on_ray
 from pipeline.errors import ManifestError, OutputLockedError
 from pipeline.export import export_webdataset
 from pipeline.manifest import Manifest, ProviderSpec, json_schema, load_manifest
@@ -75,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mode", choices=("online", "batch"), help="with online and batch providers: which")
     run.add_argument("--submit-only", action="store_true", help="batch: submit the jobs and exit")
+    ray_help = "run --workers workers as Ray tasks (no ADDRESS: a local cluster on 127.0.0.1)"
+    run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=ray_help)
+    run.add_argument("--workers", type=_positive, default=1, help="with --ray: how many workers")
     run.add_argument("--simulate", action="store_true", help="use the built-in provider simulator")
     run.add_argument("--sim-latency", type=float, default=0.0, metavar="SECONDS")
     run.set_defaults(command=_run)
@@ -208,10 +212,89 @@ def _run(args: argparse.Namespace) -> int:
     output = open_store(url, _storage_options(manifest, args.storage_option), spool)
     if args.dry_run:
         return _dry_run(args, manifest, output, state_url)
+    if args.ray is not None:
+        return _run_on_ray(args, manifest, output, state_url)
     if args.simulate:
         return asyncio.run(_run_simulated(args, manifest, output))
     endpoints = _endpoints(args.manifest, manifest, _selected(manifest, args))
     return asyncio.run(_run_with(args, manifest, output, RunOptions(endpoints, **_budget(args, manifest))))
+
+
+def _run_on_ray(args: argparse.Namespace, manifest: Manifest, output: Store, state_url: str | None) -> int:
+    """`--ray`: the same run as `--workers` tasks on a Ray cluster, one bar and one exit code."""
+    if not is_postgres(state_url) and args.workers > 1:
+        raise ManifestError([
+            f"--workers {args.workers}: a SQLite state is one worker's: use --state postgresql://..."
+        ])  # fmt: skip
+    bar = _RayProgress(manifest.total_items, state_url, output, args.quiet or args.log_format == "json")
+    try:
+        code = run_on_ray(
+            args.ray or None, args.workers, _worker_argv(args, output, state_url),
+            is_postgres(state_url) and output.local is None, bar.update, bar.failed,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    print(f"{args.workers} worker(s) on Ray: exit {code}", file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def _worker_argv(args: argparse.Namespace, output: Store, state_url: str | None) -> list[str]:
+    """The `pipeline run` of one worker: this run's options, paths made absolute (a task's working
+    directory is Ray's)."""
+    argv = ["run", str(args.manifest.resolve()), "--quiet", "--output", str(output.local.resolve())
+            if output.local is not None else output.url]  # fmt: skip
+    if state_url:
+        argv += ["--state", state_url if is_postgres(state_url) else str(Path(state_url).resolve())]
+    for pair in args.storage_option:
+        argv += ["--storage-option", pair]
+    flags = {"--concurrency": args.concurrency, "--max-requests": args.max_requests,
+             "--max-duration": args.max_duration, "--grace-s": args.grace_s, "--mode": args.mode,
+             "--sim-latency": args.sim_latency if args.simulate else None}  # fmt: skip
+    for flag, value in flags.items():
+        argv += [flag, str(value)] if value is not None else []
+    argv += [f"--provider={name}" for name in args.provider or []]
+    argv += [
+        flag for flag, on in (("--retry-failed", args.retry_failed), ("--simulate", args.simulate)) if on
+    ]
+    return argv
+
+
+class _RayProgress:
+    """The workers' combined progress, read from the shared state: a bar on a terminal, else a line
+    every few seconds."""
+
+    def __init__(self, total: int, state_url: str | None, output: Store, quiet: bool) -> None:
+        self._total, self._state_url, self._output, self._quiet = total, state_url, output, quiet
+        self._bar: tqdm[Any] | None = None
+        if not quiet and sys.stdout.isatty():
+            self._bar = tqdm(total=total, unit="img", dynamic_ncols=True)
+        self._last = time.monotonic()
+
+    def update(self) -> None:
+        if self._quiet or (self._bar is None and time.monotonic() - self._last < LOG_EVERY_S):
+            return
+        self._last = time.monotonic()
+        try:
+            with open_state(self._state_url, output_identity(self._output), self._output.local,
+                            readonly=True) as state:  # fmt: skip
+                counts = state.counts()
+        except ManifestError:
+            return  # no state yet: the first worker is starting
+        if self._bar is not None:
+            self._bar.n = counts["done"] + counts["failed"]
+            self._bar.set_postfix(failed=counts["failed"], refresh=False)
+            self._bar.refresh()
+        else:
+            print(f"progress: {counts['done']}/{self._total} done, {counts['failed']} failed", flush=True)
+
+    def failed(self, code: int, said: str) -> None:
+        lines = said.strip().splitlines()
+        print(f"a worker exited {code}{': ' + lines[-1] if lines else ''}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self.update()
+            self._bar.close()
 
 
 def _selected(manifest: Manifest, args: argparse.Namespace) -> list[str]:

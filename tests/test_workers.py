@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -195,4 +196,48 @@ def test_an_unreachable_state_is_a_clear_error(
     assert run("run", manifest_for(tmp_path, 3), "--state", url) == 74
     err = capsys.readouterr().err
     assert "cannot use the state or the output" in err and "127.0.0.1" in err
+    assert sim.stats.requests == 0
+
+
+def ray_listeners() -> list[str]:
+    """The TCP listeners of Ray's processes (GCS, raylet, workers), as `ss` prints them."""
+    ss = shutil.which("ss")
+    assert ss, "ss (Debian's iproute2) is needed to see what Ray listens on"
+    lines = subprocess.run([ss, "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return [line for line in lines if any(name in line for name in ('"gcs_server"', '"raylet"', '"ray::'))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_runs_three_workers_on_a_local_cluster_bound_to_loopback(
+    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str]
+) -> None:
+    sim.reset(SimConfig(key=KEY, latency_s=0.05, jitter_s=0.03, distinct_images=4))
+    manifest = manifest_for(tmp_path)
+    env = {
+        **os.environ, "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY,
+        "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path),  # Ray's auth token goes to ~/.ray
+    }  # fmt: skip
+    process = subprocess.Popen(
+        [PYTHON, "-m", "pipeline", "run", str(manifest), "--ray", "--workers", "3", *where(pg_url, s3_url, s3_options)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    seen: set[str] = set()
+    while process.poll() is None:
+        seen.update(" ".join(line.split()[3:4]) for line in ray_listeners())
+        time.sleep(0.2)
+    out, err = process.communicate()
+    assert process.returncode == 0, (out + err).decode()
+    assert b"3 worker(s) on Ray: exit 0" in out
+    assert seen and all(address.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for address in seen), seen
+    assert sim.stats.generations == ITEMS and set(sim.stats.prompts.values()) == {1}
+    assert sim.stats.peak_in_flight <= CONCURRENCY
+    assert_bucket_dataset(s3_url, s3_options, ITEMS)
+
+
+def test_ray_refuses_many_workers_on_a_sqlite_state(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("run", manifest_for(tmp_path, 3), "--ray", "--workers", "2") == 2
+    assert "a SQLite state is one worker's" in capsys.readouterr().err
     assert sim.stats.requests == 0
