@@ -28,6 +28,9 @@ from pipeline.simulator import render_png
 from pipeline.state import SqliteState
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.servers import postgres_bin, postgres_server  # noqa: E402 (the tests' throwaway PostgreSQL cluster)
+
 DEFAULT_OUT = ROOT / "output" / "bench"
 TICK = os.sysconf("SC_CLK_TCK")
 SMALL_AND_FAST = ("--latency", "0", "--jitter", "0", "--image-scale", "16", "--distinct-images", "64")
@@ -233,6 +236,38 @@ def quota_efficiency(items: int, out: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def workers(items: int, out: Path) -> dict[str, Any]:
+    """1, 2 and 4 workers on one manifest (overhead-bound: an instant simulator), sharing a PostgreSQL
+    state and a local output folder; throughput from the first start to the last exit, as a ratio to
+    one worker. One worker on the default SQLite state for comparison."""
+    concurrency, rates = 64, {}
+    with SimProcess(*SMALL_AND_FAST) as sim, postgres_server() as pg:
+        env = {
+            **os.environ,
+            "IMAGE_API_BASE_URL": sim.base_url,
+            "IMAGE_API_KEY": "bench",
+            "PGPASSWORD": pg.password,
+        }
+        for count in (0, 1, 2, 4):  # 0: one worker, SQLite
+            folder = _fresh(out / f"workers-{count}")
+            path = manifest(folder, items, concurrency)
+            state = ["--state", pg.create_database(f"bench_{count}")] if count else []
+            command = [sys.executable, "-m", "pipeline", "run", str(path), "--quiet", *state]
+            started = time.perf_counter()
+            processes = [subprocess.Popen(command, env=env) for _ in range(max(count, 1))]
+            codes = [process.wait() for process in processes]
+            elapsed = time.perf_counter() - started
+            assert codes == [0] * len(codes) and len(list((folder / "out" / "images").iterdir())) == items
+            rates[count] = items / elapsed
+            shutil.rmtree(folder)
+    return {
+        "items": items, "concurrency": concurrency, "sqlite_one_items_per_s": round(rates[0], 1),
+        **{f"items_per_s_{n}": round(rates[n], 1) for n in (1, 2, 4)},
+        **{f"ratio_{n}": round(rates[n] / rates[1], 2) for n in (2, 4)},
+        "postgres_one_to_sqlite_one": round(rates[1] / rates[0], 2), "cores": os.cpu_count(),
+    }  # fmt: skip
+
+
 def _per_item(run: dict[str, Any], items: int) -> float:
     return round(run["cpu_s"] * 1000 / items, 2)
 
@@ -251,17 +286,21 @@ def main() -> None:
     )
     args = parser.parse_args()
     sizes = (
-        ([200], [300], [1_000, 5_000], [100], [60])
+        ([200], [300], [1_000, 5_000], [100], [60], [200])
         if args.quick
-        else ([3_000], [5_000], [10_000, 100_000, 1_000_000], [600], [600])
+        else ([3_000], [5_000], [10_000, 100_000, 1_000_000], [600], [600], [3_000])
     )
     report: dict[str, Any] = {}
     for name, scenario, size in (("latency_bound", latency_bound, sizes[0][0]),
                                  ("overhead_bound", overhead_bound, sizes[1][0]),
                                  ("scale", scale, sizes[2]),
                                  ("cap", cap_efficiency, sizes[3][0]),
-                                 ("quota", quota_efficiency, sizes[4][0])):  # fmt: skip
+                                 ("quota", quota_efficiency, sizes[4][0]),
+                                 ("workers", workers, sizes[5][0])):  # fmt: skip
         if args.only and name not in args.only.split(","):
+            continue
+        if name == "workers" and postgres_bin() is None:
+            print("workers: skipped, PostgreSQL is not installed (.ci/run installs it)", flush=True)
             continue
         report[name] = scenario(size, args.out)  # type: ignore[operator]
         print(f"{name}: {json.dumps(report[name])}", flush=True)
@@ -297,6 +336,14 @@ def render(report: dict[str, Any]) -> str:
         f" ({quota['per_minute']}/min, quota {quota['quota_per_minute']}/min),"
         f" 429 share {quota['share_429']:.1%}   target >= 0.9",
     ]
+    if "workers" in report:
+        w = report["workers"]
+        tail.append(
+            f"workers           {w['items']:>5} items  1 / 2 / 4 workers (PostgreSQL, local output):"
+            f" {w['items_per_s_1']} / {w['items_per_s_2']} / {w['items_per_s_4']} items/s,"
+            f" ratio to one 1 / {w['ratio_2']} / {w['ratio_4']} on {w['cores']} cores;"
+            f" one on SQLite {w['sqlite_one_items_per_s']}/s"
+        )
     for row in report["scale"]:
         lines.append(
             f"        {row['items']:>8}  {row['fresh_plan_s']:>12}  {row['fresh_plan_rss_mb']:>11}  "

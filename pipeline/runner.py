@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import math
 import random
 import time
 from collections import Counter
@@ -196,6 +197,7 @@ class Runner:
 
     async def _run_all(self) -> None:
         limit = self.manifest.items_in_flight
+        self._slots = Slots(limit)
         connector = aiohttp.TCPConnector(limit=limit + 4)
         async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
             self._pool = self._build_pool(session)
@@ -212,7 +214,7 @@ class Runner:
                 await self._take_shares()
                 helpers.append(asyncio.create_task(self._heartbeat()))
             try:
-                await self._feed(asyncio.Semaphore(limit))
+                await self._feed(self._slots)
             finally:
                 self.summary.providers = self._pool.stats()
                 for helper in helpers:
@@ -237,7 +239,7 @@ class Runner:
         self.summary.warnings += 1
         self._on_event(Event(kind, "", message, provider))
 
-    async def _feed(self, slots: asyncio.Semaphore) -> None:
+    async def _feed(self, slots: Slots) -> None:
         """Every item in manifest order, a chunk at a time; then, with a shared state, the items other
         workers held when this one looked, until each is settled (by them, or taken over)."""
         async with asyncio.TaskGroup() as group:
@@ -251,31 +253,37 @@ class Runner:
                 await self._pause(self._state.heartbeat_s)
                 held = await self._take(held, slots, group)
 
-    async def _take(
-        self, items: list[Item], slots: asyncio.Semaphore, group: asyncio.TaskGroup
-    ) -> list[Item]:
-        """Start the items that need work and this worker may claim; the ones another worker holds."""
+    async def _take(self, items: list[Item], slots: Slots, group: asyncio.TaskGroup) -> list[Item]:
+        """Start the items that need work, each once it has a slot and (with a shared state) once this
+        worker has claimed it; returns those another worker holds. Slots come first: a claimed item
+        never waits for one, so no item is kept from the other workers while this one is busy."""
         wanted = [
-            (item, row)
-            for item, row in zip(items, self._state.rows(items), strict=True)
-            if self._needs(item, row)
+            (i, row) for i, row in zip(items, self._state.rows(items), strict=True) if self._needs(i, row)
         ]
-        granted = self._state.claim(wanted) if self._state.shared else wanted
-        taken = {item.name for item, _ in granted}
-        if self._state.shared:
-            settled = [item for item, row in granted if not self._needs(item, row)]  # by another, meanwhile
-            self._state.release(settled)
-            granted = [(item, row) for item, row in granted if item not in settled]
-        for item, row in granted:
+        held: list[Item] = []
+        queue = iter(wanted)
+        while not self._stopping.is_set() and (first := next(queue, None)) is not None:
             await slots.acquire()
-            if self._stopping.is_set():
+            batch = [first]
+            while len(batch) < CLAIM_EVERY and slots.try_acquire():
+                if (more := next(queue, None)) is None:
+                    slots.release()
+                    break
+                batch.append(more)
+            granted = self._state.claim(batch) if self._state.shared else batch
+            taken = {item.name for item, _ in granted}
+            held += [item for item, _ in batch if item.name not in taken]
+            settled = [item for item, row in granted if self._state.shared and not self._needs(item, row)]
+            self._state.release(settled)  # finished by another worker since we looked
+            for _ in range(len(batch) - len(granted) + len(settled)):
                 slots.release()
-                break
-            task = group.create_task(self._process(item, self._step(item, row), row))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(lambda _: slots.release())
-        return [item for item, _ in wanted if item.name not in taken]
+            for item, row in granted:
+                if item not in settled:
+                    task = group.create_task(self._process(item, self._step(item, row), row))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(lambda _: slots.release())
+        return held
 
     def _seed(self) -> None:
         """The manifest's items into the shared state, by the first worker; the others wait for it."""
@@ -304,6 +312,10 @@ class Runner:
         in_flight = {"": self._pool.in_flight} | {m.name: m.controller.in_flight for m in self._pool.members}
         shares, workers = self._state.heartbeat(self._limits(), in_flight)
         await self._pool.share(shares, workers)
+        # Items in flight in proportion to this worker's part of the generation limit.
+        self._slots.resize(
+            math.ceil(self.manifest.items_in_flight * shares[""] / self.manifest.generation_limit)
+        )
         if self._rpm:
             self._rate = AsyncLimiter(1, 60.0 * workers / self._rpm)
 
@@ -522,6 +534,34 @@ class Runner:
 
     def _emit(self, kind: str, item: Item, message: str = "", provider: str = "") -> None:
         self._on_event(Event(kind, item.name, message, provider))
+
+
+class Slots:
+    """A semaphore whose size can change: the items a worker has in flight at most."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while not self.try_acquire():
+            self._freed.clear()
+            await self._freed.wait()
+
+    def try_acquire(self) -> bool:
+        if self.used >= self.capacity:
+            return False
+        self.used += 1
+        return True
+
+    def release(self) -> None:
+        self.used -= 1
+        self._freed.set()
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._freed.set()
 
 
 @contextmanager

@@ -79,7 +79,8 @@ class PostgresState(State):
     def __init__(self, url: str, output: str, *, readonly: bool = False, lease_s: float = 120.0) -> None:
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_s = lease_s
-        self.heartbeat_s = min(10.0, max(0.2, lease_s / 8))
+        self.heartbeat_s = min(1.0, lease_s / 8)
+        self.live_s = min(lease_s, 10.0)  # a worker silent this long is counted out of the shares
         self._db = psycopg.connect(url, application_name="imagegen-pipeline", connect_timeout=10)
         if readonly:
             if self._x("SELECT to_regclass('meta')").fetchone()[0] is None:
@@ -240,7 +241,7 @@ class PostgresState(State):
             live = self._x(
                 f"SELECT worker, shares FROM workers WHERE ended_at IS NULL AND heartbeat_at > {NOW} - ?"
                 " ORDER BY started_at, worker",
-                (self._live_s,),
+                (self.live_s,),
             ).fetchall()
             names = [worker for worker, _ in live]
             rank, count = names.index(self.worker), len(names)  # this worker has just beaten
@@ -254,10 +255,6 @@ class PostgresState(State):
             self._x("UPDATE workers SET shares = ? WHERE worker = ?", (json.dumps(published), self.worker))
         return allowed, count
 
-    @property
-    def _live_s(self) -> float:
-        return 3 * self.heartbeat_s
-
     def retire(self) -> None:
         with self.transaction():
             self._x(f"UPDATE workers SET ended_at = {NOW}, shares = '{{}}' WHERE worker = ?", (self.worker,))
@@ -270,8 +267,8 @@ class PostgresState(State):
         rows = self._x(
             f"SELECT worker, host, pid, {NOW} - started_at, {NOW} - heartbeat_at,"
             " (SELECT count(*) FROM items WHERE lease_owner = worker)"
-            f" FROM workers WHERE ended_at IS NULL AND heartbeat_at > {NOW} - 3 * ? ORDER BY started_at",
-            (min(10.0, max(0.2, self.lease_s / 8)),),
+            f" FROM workers WHERE ended_at IS NULL AND heartbeat_at > {NOW} - ? ORDER BY started_at",
+            (self.live_s,),
         ).fetchall()
         self._db.rollback()
         return [
