@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +41,36 @@ def manifest_for(folder: Path, items: int = ITEMS, **top: Any) -> Path:
     return path
 
 
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test() -> Iterator[None]:
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def worker(manifest: Path, sim: Simulator, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY}
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [PYTHON, "-m", "pipeline", "run", str(manifest), "--quiet", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    STARTED.append(process)
+    return process
+
+
+def reading(pg_url: str, s3_options: dict[str, str]) -> list[str]:
+    """The options that find an output's state and store (for status, report, export)."""
+    return ["--state", pg_url, "--storage-option", f"endpoint_url={s3_options['endpoint_url']}"]
 
 
 def where(pg_url: str, s3_url: str, s3_options: dict[str, str]) -> list[str]:
-    return [
-        "--state",
-        pg_url,
-        "--output",
-        s3_url,
-        "--storage-option",
-        f"endpoint_url={s3_options['endpoint_url']}",
-    ]
+    return ["--output", s3_url, *reading(pg_url, s3_options)]
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float = 120) -> int:
@@ -92,11 +106,19 @@ def assert_bucket_dataset(s3_url: str, s3_options: dict[str, str], items: int) -
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_three_workers_share_600_items_once_within_the_providers_concurrency(
-    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str]
-) -> None:
+    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     sim.reset(SimConfig(key=KEY, latency_s=0.05, jitter_s=0.03, distinct_images=4))
     manifest = manifest_for(tmp_path)
     workers = [worker(manifest, sim, *where(pg_url, s3_url, s3_options)) for _ in range(3)]
+    deadline = time.monotonic() + 60
+    while sim.stats.generations < ITEMS // 3:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+    assert run("status", s3_url, *reading(pg_url, s3_options), "--json") == 0
+    live = json.loads(capsys.readouterr().out)["workers"]
+    assert {w["pid"] for w in live} == {p.pid for p in workers}  # status shows the live workers
     for process in workers:
         finish(process)
     assert sim.stats.generations == ITEMS
@@ -137,15 +159,14 @@ def test_status_report_and_export_read_an_s3_output(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     manifest = manifest_for(tmp_path, 5)
-    there = where(pg_url, s3_url, s3_options)
-    assert run("run", manifest, *there) == 0
+    assert run("run", manifest, *where(pg_url, s3_url, s3_options)) == 0
     capsys.readouterr()
-    assert run("status", s3_url, *there[:2], *there[4:], "--json") == 0
+    assert run("status", s3_url, *reading(pg_url, s3_options), "--json") == 0
     status = json.loads(capsys.readouterr().out)
     assert (status["output"], status["done"], status["workers"]) == (s3_url, 5, [])
-    assert run("report", s3_url, *there[:2], *there[4:]) == 0
+    assert run("report", s3_url, *reading(pg_url, s3_options)) == 0
     assert capsys.readouterr().out.strip() == f"{s3_url}/report.html"
-    assert run("export", s3_url, *there[:2], *there[4:], "--shard-size", "2") == 0
+    assert run("export", s3_url, *reading(pg_url, s3_options), "--shard-size", "2") == 0
     fs = s3fs.S3FileSystem(client_kwargs=s3_options, skip_instance_cache=True)
     assert b"lighthouse" in fs.cat_file(f"{s3_url}/report.html")
     assert len(fs.find(f"{s3_url}/thumbs")) == 5
@@ -222,6 +243,7 @@ def test_ray_runs_three_workers_on_a_local_cluster_bound_to_loopback(
         [PYTHON, "-m", "pipeline", "run", str(manifest), "--ray", "--workers", "3", *where(pg_url, s3_url, s3_options)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    STARTED.append(process)
     seen: set[str] = set()
     while process.poll() is None:
         seen.update(" ".join(line.split()[3:4]) for line in ray_listeners())
@@ -241,3 +263,34 @@ def test_ray_refuses_many_workers_on_a_sqlite_state(
     assert run("run", manifest_for(tmp_path, 3), "--ray", "--workers", "2") == 2
     assert "a SQLite state is one worker's" in capsys.readouterr().err
     assert sim.stats.requests == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_two_node_ray_cluster_takes_shared_outputs_and_refuses_a_local_one(
+    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    for name, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                        "HOME": str(tmp_path), "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)  # before Ray is imported: its nodes bind 127.0.0.1 only
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        manifest = manifest_for(tmp_path, 30)
+        command = [PYTHON, "-m", "pipeline", "run", str(manifest), "--ray", cluster.address]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        assert refused.returncode == 2 and "the cluster has 2 nodes" in refused.stderr
+        assert sim.stats.requests == 0
+        shared = subprocess.run(
+            [*command, "--workers", "2", *where(pg_url, s3_url, s3_options)],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert shared.returncode == 0, shared.stderr
+        assert sim.stats.generations == 30
+        assert_bucket_dataset(s3_url, s3_options, 30)
+    finally:
+        cluster.shutdown()
