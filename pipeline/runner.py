@@ -158,6 +158,7 @@ class Runner:
         self._rng = random.Random()
         rpm = manifest.requests_per_minute if manifest.providers else None  # else the default provider's
         self._rpm = rpm
+        self._workers = 1  # live workers sharing the limits (a shared state)
         self._rate = AsyncLimiter(1, 60.0 / rpm) if rpm else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -316,7 +317,8 @@ class Runner:
         self._slots.resize(
             math.ceil(self.manifest.items_in_flight * shares[""] / self.manifest.generation_limit)
         )
-        if self._rpm:
+        if self._rpm and workers != self._workers:  # the pool's requests_per_minute, split evenly
+            self._workers = workers
             self._rate = AsyncLimiter(1, 60.0 * workers / self._rpm)
 
     async def _heartbeat(self) -> None:

@@ -11,7 +11,9 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from pipeline.errors import LeaseLost, ManifestError
@@ -142,3 +144,18 @@ def test_a_password_in_the_state_url_is_refused_without_repeating_it() -> None:
     with pytest.raises(ManifestError) as caught:
         open_state("postgresql://u:hunter2@127.0.0.1/db", OUTPUT, None)
     assert "PGPASSWORD" in str(caught.value.problems) and "hunter2" not in str(caught.value.problems)
+
+
+def test_the_password_comes_from_pgpass_when_pgpassword_is_unset(
+    pg_url: str, _postgres: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGPASSWORD")
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        PostgresState(pg_url, OUTPUT)
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{_postgres.port}:*:pipeline:{_postgres.password}\n")
+    pgpass.chmod(0o600)  # libpq ignores a password file others can read
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    with PostgresState(pg_url, OUTPUT) as state:
+        assert state.count_rows() == 0

@@ -294,3 +294,20 @@ def test_a_two_node_ray_cluster_takes_shared_outputs_and_refuses_a_local_one(
         assert_bucket_dataset(s3_url, s3_options, 30)
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_workers_split_a_providers_requests_per_minute(
+    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str]
+) -> None:
+    sim.reset(SimConfig(key=KEY, latency_s=0.02, distinct_images=4))
+    manifest = manifest_for(tmp_path, 60, requests_per_minute=600)  # 10 a second for the whole run
+    workers = [worker(manifest, sim, *where(pg_url, s3_url, s3_options)) for _ in range(2)]
+    for process in workers:
+        finish(process)
+    times = sorted(sim.stats.request_times)
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    # Unshared, two workers would send 20 in a second. A join is seen within a heartbeat (1 s), when a
+    # worker alone may still use the whole rate: a little over 10 at most, never 20.
+    assert sim.stats.generations == 60 and busiest <= 13, busiest

@@ -67,13 +67,15 @@ class Member:
         self.stats = ProviderStats()
         self.repeated: tuple[str, int] = ("", 0)  # the last permanent error, and items in a row
         self.share: int | None = None  # this worker's part of `concurrency`, when workers share it
+        self._workers = 1  # the workers its requests_per_minute is split among
 
     def take_share(self, share: int, workers: int) -> None:
         """This worker's part of the provider's limits: `share` requests in flight, and an even part
-        of its requests_per_minute."""
+        of its requests_per_minute (a new limiter only when the number of workers changed)."""
         self.share = share
         rpm = self.spec.requests_per_minute
-        if rpm:
+        if rpm and workers != self._workers:
+            self._workers = workers
             self.rate = AsyncLimiter(1, 60.0 * workers / rpm)
 
     @property
