@@ -31,7 +31,7 @@ LEASE_S = 6.0
 
 
 def manifest_for(folder: Path, items: int = ITEMS, **top: Any) -> Path:
-    (folder / "prompts.txt").write_text("".join(f"a lighthouse, study {n}\n" for n in range(items)))
+    (folder / "prompts.txt").write_text("".join(f"{prompt}\n" for prompt in prompts(folder, items)))
     path = folder / "job.yaml"
     fields = {"concurrency": CONCURRENCY, "lease_s": LEASE_S, **top}
     path.write_text(
@@ -54,6 +54,16 @@ def _no_worker_outlives_its_test() -> Iterator[None]:
             process.wait()
 
 
+def prompts(folder: Path, items: int) -> list[str]:
+    """This test's prompts: its own (a request still in flight from another test counts elsewhere)."""
+    return [f"a lighthouse, study {n} ({folder.name})" for n in range(items)]
+
+
+def generations(sim: Simulator, folder: Path, items: int = ITEMS) -> list[int]:
+    """How many times the simulator generated each of this test's prompts."""
+    return [sim.stats.prompts[prompt] for prompt in prompts(folder, items)]
+
+
 def worker(manifest: Path, sim: Simulator, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY}
     process = subprocess.Popen(
@@ -71,6 +81,13 @@ def reading(pg_url: str, s3_options: dict[str, str]) -> list[str]:
 
 def where(pg_url: str, s3_url: str, s3_options: dict[str, str]) -> list[str]:
     return ["--output", s3_url, *reading(pg_url, s3_options)]
+
+
+def wait_for_generations(sim: Simulator, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while sim.stats.generations < count:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float = 120) -> int:
@@ -112,21 +129,18 @@ def test_three_workers_share_600_items_once_within_the_providers_concurrency(
     sim.reset(SimConfig(key=KEY, latency_s=0.05, jitter_s=0.03, distinct_images=4))
     manifest = manifest_for(tmp_path)
     workers = [worker(manifest, sim, *where(pg_url, s3_url, s3_options)) for _ in range(3)]
-    deadline = time.monotonic() + 60
-    while sim.stats.generations < ITEMS // 3:
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.01)
+    wait_for_generations(sim, ITEMS // 3)
     assert run("status", s3_url, *reading(pg_url, s3_options), "--json") == 0
     live = json.loads(capsys.readouterr().out)["workers"]
     assert {w["pid"] for w in live} == {p.pid for p in workers}  # status shows the live workers
     for process in workers:
         finish(process)
-    assert sim.stats.generations == ITEMS
-    assert set(sim.stats.prompts.values()) == {1} and len(sim.stats.prompts) == ITEMS  # every item once
+    assert generations(sim, tmp_path) == [1] * ITEMS  # every item once
     assert sim.stats.peak_in_flight <= CONCURRENCY
     assert_bucket_dataset(s3_url, s3_options, ITEMS)
+    requests = sim.stats.requests
     assert run("run", manifest, *where(pg_url, s3_url, s3_options)) == 0
-    assert sim.stats.generations == ITEMS
+    assert sim.stats.requests == requests
 
 
 @pytest.mark.slow
@@ -137,17 +151,15 @@ def test_a_killed_worker_s_items_are_finished_by_the_others_after_its_lease(
     sim.reset(SimConfig(key=KEY, latency_s=0.1, jitter_s=0.05, distinct_images=4))
     manifest = manifest_for(tmp_path)
     workers = [worker(manifest, sim, *where(pg_url, s3_url, s3_options)) for _ in range(3)]
-    deadline = time.monotonic() + 60
-    while sim.stats.generations < ITEMS // 4:
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.01)
+    wait_for_generations(sim, ITEMS // 4)
     workers[0].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     workers[0].wait(10)
     for process in workers[1:]:
         finish(process)
     assert time.monotonic() - killed_at >= LEASE_S  # its leased items waited for the lease to run out
-    assert ITEMS <= sim.stats.generations <= ITEMS + CONCURRENCY  # at most what it had in flight, again
+    paid = generations(sim, tmp_path)
+    assert min(paid) == 1 and sum(paid) <= ITEMS + CONCURRENCY  # at most what it had in flight, again
     assert_bucket_dataset(s3_url, s3_options, ITEMS)
     requests = sim.stats.requests
     assert run("run", manifest, *where(pg_url, s3_url, s3_options)) == 0
@@ -187,7 +199,7 @@ def test_the_s3_output_loads_with_datasets(
         split="train", streaming=True,
     )  # fmt: skip
     rows = list(loaded)
-    assert sorted(row["prompt"] for row in rows) == sorted(f"a lighthouse, study {n}" for n in range(4))
+    assert sorted(row["prompt"] for row in rows) == sorted(prompts(tmp_path, 4))
     assert all(row["image"].size == (row["width"], row["height"]) for row in rows)
 
 
@@ -252,7 +264,7 @@ def test_ray_runs_three_workers_on_a_local_cluster_bound_to_loopback(
     assert process.returncode == 0, (out + err).decode()
     assert b"3 worker(s) on Ray: exit 0" in out
     assert seen and all(address.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for address in seen), seen
-    assert sim.stats.generations == ITEMS and set(sim.stats.prompts.values()) == {1}
+    assert generations(sim, tmp_path) == [1] * ITEMS
     assert sim.stats.peak_in_flight <= CONCURRENCY
     assert_bucket_dataset(s3_url, s3_options, ITEMS)
 
@@ -290,7 +302,7 @@ def test_a_two_node_ray_cluster_takes_shared_outputs_and_refuses_a_local_one(
             capture_output=True, text=True, timeout=240, check=False,
         )  # fmt: skip
         assert shared.returncode == 0, shared.stderr
-        assert sim.stats.generations == 30
+        assert generations(sim, tmp_path, 30) == [1] * 30
         assert_bucket_dataset(s3_url, s3_options, 30)
     finally:
         cluster.shutdown()
@@ -310,4 +322,4 @@ def test_two_workers_split_a_providers_requests_per_minute(
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     # Unshared, two workers would send 20 in a second. A join is seen within a heartbeat (1 s), when a
     # worker alone may still use the whole rate: a little over 10 at most, never 20.
-    assert sim.stats.generations == 60 and busiest <= 13, busiest
+    assert generations(sim, tmp_path, 60) == [1] * 60 and busiest <= 13, busiest
