@@ -31,6 +31,7 @@ from pipeline.state import State, check_state_url, is_postgres, open_state
 from pipeline.storage import Store, is_local, open_store
 
 EXIT_USAGE, EXIT_STORAGE, EXIT_LOCKED = 2, 74, 75
+PROGRESS_UNKNOWN: tuple[type[Exception], ...] = (ManifestError, *STORAGE_ERRORS)
 LOG_EVERY_S = 5.0
 
 
@@ -278,8 +279,8 @@ class _RayProgress:
             with open_state(self._state_url, output_identity(self._output), self._output.local,
                             readonly=True) as state:  # fmt: skip
                 counts = state.counts()
-        except ManifestError:
-            return  # no state yet: the first worker is starting
+        except PROGRESS_UNKNOWN:
+            return  # no state yet (the first worker is starting), or not reachable now: next time
         if self._bar is not None:
             self._bar.n = counts["done"] + counts["failed"]
             self._bar.set_postfix(failed=counts["failed"], refresh=False)

@@ -82,6 +82,13 @@ class PostgresState(State):
         self.heartbeat_s = min(1.0, lease_s / 8)
         self.live_s = min(lease_s, 10.0)  # a worker silent this long is counted out of the shares
         self._db = psycopg.connect(url, application_name="imagegen-pipeline", connect_timeout=10)
+        try:
+            self._open(output, readonly)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self, output: str, readonly: bool) -> None:
         if readonly:
             if self._x("SELECT to_regclass('meta')").fetchone()[0] is None:
                 raise ManifestError([f"state {_where(self._db)}: no pipeline state here yet (never ran)"])
