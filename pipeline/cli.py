@@ -28,7 +28,7 @@ from pipeline.runner import STORAGE_ERRORS, Endpoint, Event, Runner, RunOptions,
 from pipeline.secret import Secret
 from pipeline.simulator import SimConfig, Simulator
 from pipeline.state import State, check_state_url, is_postgres, open_state
-from pipeline.storage import Store, is_local, open_store
+from pipeline.storage import Store, credentials_in, is_local, open_store
 
 EXIT_USAGE, EXIT_STORAGE, EXIT_LOCKED = 2, 74, 75
 PROGRESS_UNKNOWN: tuple[type[Exception], ...] = (ManifestError, *STORAGE_ERRORS)
@@ -152,6 +152,9 @@ def _storage_options(manifest: Manifest | None, pairs: list[str]) -> dict[str, A
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ManifestError([f"--storage-option {pair}: expected KEY=VALUE"])
+        if credentials_in({key: None}):
+            raise ManifestError([f"--storage-option {key}: credentials come from the environment, not the"
+                                 " command line (where other users' `ps` sees them)"])  # fmt: skip
         options[key] = yaml.safe_load(value) if value else ""
     return options
 

@@ -34,7 +34,7 @@ from pipeline.errors import ManifestError
 from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE, IMAGE_SIZES, MODELS, SEED
 from pipeline.sources import SourceRow, decode_text, read_rows
 from pipeline.state import check_state_url
-from pipeline.storage import is_local, local_path
+from pipeline.storage import credentials_in, is_local, local_path
 
 AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
@@ -239,6 +239,15 @@ class Manifest(_Strict):
         problem = check_state_url(value) if value else None
         if problem:
             raise ValueError(problem)
+        return value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        found = credentials_in(value)
+        if found:
+            raise ValueError(f"{', '.join(found)}: credentials come from the environment (or the store's"
+                             " own config files and roles), not the manifest")  # fmt: skip
         return value
 
     def output_url(self, source: Path) -> str:

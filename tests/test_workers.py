@@ -323,3 +323,36 @@ def test_two_workers_split_a_providers_requests_per_minute(
     # Unshared, two workers would send 20 in a second. A join is seen within a heartbeat (1 s), when a
     # worker alone may still use the whole rate: a little over 10 at most, never 20.
     assert generations(sim, tmp_path, 60) == [1] * 60 and busiest <= 13, busiest
+
+
+def test_credentials_in_storage_options_are_refused(
+    tmp_path: Path, sim: Simulator, s3_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = manifest_for(
+        tmp_path, 3, storage_options={"client_kwargs": {"aws_secret_access_key": "s3cr3t"}}
+    )
+    assert run("run", manifest, "--output", s3_url) == 2
+    err = capsys.readouterr().err
+    assert (
+        "client_kwargs.aws_secret_access_key: credentials come from the environment" in err
+        and "s3cr3t" not in err
+    )
+    assert run("run", manifest_for(tmp_path, 3), "--storage-option", "secret=s3cr3t", "--output", s3_url) == 2
+    err = capsys.readouterr().err
+    assert "--storage-option secret: credentials come from the environment" in err and "s3cr3t" not in err
+    assert sim.stats.requests == 0
+
+
+def test_the_dry_run_of_a_shared_output_reads_its_state(
+    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    manifest = manifest_for(tmp_path, 4)
+    assert run("run", manifest, *where(pg_url, s3_url, s3_options), "--dry-run", "--log-format", "json") == 0
+    assert json.loads(capsys.readouterr().out)["new"] == 4
+    assert run("run", manifest, *where(pg_url, s3_url, s3_options)) == 0
+    manifest_for(tmp_path, 6)  # two more prompts
+    capsys.readouterr()
+    assert run("run", manifest, *where(pg_url, s3_url, s3_options), "--dry-run", "--log-format", "json") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["done"], plan["new"], plan["paid_requests"]) == (4, 2, 2)

@@ -16,6 +16,21 @@ from typing import IO, Any, Protocol
 from pipeline.errors import ManifestError
 
 LOCAL_SCHEMES = ("", "file")
+CREDENTIAL_WORDS = ("secret", "password", "token", "credential", "sas", "connection_string")
+CREDENTIAL_NAMES = {"key", "account_key", "aws_access_key_id"}
+
+
+def credentials_in(options: Mapping[str, Any]) -> list[str]:
+    """The names in `options` (at any depth, dotted) that hold credentials: those come from the
+    environment, or the store's own config files and roles."""
+    found = []
+    for name, value in options.items():
+        lowered = str(name).lower()
+        if lowered in CREDENTIAL_NAMES or any(word in lowered for word in CREDENTIAL_WORDS):
+            found.append(str(name))
+        elif isinstance(value, Mapping):
+            found += [f"{name}.{inner}" for inner in credentials_in(value)]
+    return found
 
 
 class Store(Protocol):
