@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -56,7 +55,7 @@ from pipeline.presets import expected_size
 from pipeline.providers import connect
 from pipeline.providers.pool import Member, Pool
 from pipeline.secret import Secret
-from pipeline.state import DATABASE_ERRORS, Row, State, is_postgres, open_state
+from pipeline.state import DATABASE_ERRORS, Row, State, is_postgres, open_state, sqlite_path
 from pipeline.storage import Store
 
 STORAGE_ERRORS: tuple[type[Exception], ...] = (StorageError, OSError, *DATABASE_ERRORS)
@@ -597,7 +596,7 @@ def _locked(store: Store, state_url: str | None) -> AbstractContextManager[Any]:
         return nullcontext()
     if store.local is not None and state_url is None:
         return claimed(store.local)
-    return OutputLock(Path(state_url).parent if state_url else Path())
+    return OutputLock(sqlite_path(state_url, store.url, store.local).parent)
 
 
 def output_identity(store: Store) -> str:

@@ -217,7 +217,7 @@ def test_an_s3_output_without_a_state_is_refused_before_any_request(
 ) -> None:
     assert run("run", manifest_for(tmp_path, 3), "--output", s3_url) == 2
     assert "needs a state URL" in capsys.readouterr().err
-    assert sim.stats.requests == 0
+    assert sim.stats.requests == 0 and not Path(".lock").exists()  # nothing locked or written here
 
 
 def test_an_unreachable_state_is_a_clear_error(

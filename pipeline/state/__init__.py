@@ -15,7 +15,9 @@ from pipeline.errors import ManifestError
 from pipeline.state.base import OPEN_STAGES, BatchRow, Row, State
 from pipeline.state.sqlite import SqliteState
 
-__all__ = ["DATABASE_ERRORS", "OPEN_STAGES", "BatchRow", "Row", "SqliteState", "State", "open_state"]
+__all__ = [
+    "DATABASE_ERRORS", "OPEN_STAGES", "BatchRow", "Row", "SqliteState", "State", "open_state", "sqlite_path",
+]  # fmt: skip
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -45,6 +47,18 @@ def check_state_url(url: str) -> str | None:
     return None
 
 
+def sqlite_path(url: str | None, output: str, folder: Path | None) -> Path:
+    """Where a SQLite state is: `url`, else `state.db` in the local output `folder`."""
+    if url:
+        return Path(url)
+    if folder is None:
+        raise ManifestError([
+            f"output {output}: an object-store output needs a state URL: --state postgresql://...,"
+            " or the path of a SQLite file for a single worker"
+        ])  # fmt: skip
+    return folder / "state.db"
+
+
 def open_state(
     url: str | None, output: str, folder: Path | None, *, readonly: bool = False, lease_s: float = 120.0
 ) -> State:
@@ -62,12 +76,7 @@ def open_state(
                 [f"state {url}: needs psycopg: pip install 'imagegen-pipeline[postgres]' ({exc})"]
             ) from exc
         return PostgresState(url, output, readonly=readonly, lease_s=lease_s)
-    if url is None and folder is None:
-        raise ManifestError([
-            f"output {output}: an object-store output needs a state URL: --state postgresql://...,"
-            " or the path of a SQLite file for a single worker"
-        ])  # fmt: skip
-    path = Path(url) if url else Path(folder or ".") / "state.db"
+    path = sqlite_path(url, output, folder)
     if readonly and not path.is_file():
         raise ManifestError([f"{path}: no state here: not an output, or it never ran"])
     return SqliteState(path, readonly=readonly)
