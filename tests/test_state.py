@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
-from pipeline.errors import LeaseLost, ManifestError
+from pipeline.errors import LeaseLost, ManifestError, StorageError
 from pipeline.manifest import Item
 from pipeline.state import State, open_state
 from pipeline.state.postgres import PostgresState
@@ -151,7 +150,7 @@ def test_the_password_comes_from_pgpass_when_pgpassword_is_unset(
 ) -> None:
     monkeypatch.delenv("PGPASSWORD")
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
-    with pytest.raises(psycopg.OperationalError, match="password"):
+    with pytest.raises(StorageError, match="password"):
         PostgresState(pg_url, OUTPUT)
     pgpass = tmp_path / "pgpass"
     pgpass.write_text(f"127.0.0.1:{_postgres.port}:*:pipeline:{_postgres.password}\n")

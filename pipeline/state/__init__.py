@@ -22,15 +22,9 @@ __all__ = [
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def _database_errors() -> tuple[type[Exception], ...]:
-    try:
-        import psycopg
-    except ImportError:
-        return (sqlite3.Error,)
-    return (sqlite3.Error, psycopg.Error)
-
-
-DATABASE_ERRORS = _database_errors()  # a state that cannot be read or written: the run stops (exit 74)
+# A state that cannot be read or written: the run stops (exit 74). The PostgreSQL backend raises
+# StorageError itself, so psycopg is imported only by a run that uses it.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
 
 
 def is_postgres(url: str | None) -> bool:

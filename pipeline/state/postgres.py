@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from pipeline.errors import LeaseLost, ManifestError
+from pipeline.errors import LeaseLost, ManifestError, StorageError
 from pipeline.state.base import ROW, Row, State
 
 if TYPE_CHECKING:
@@ -81,12 +81,24 @@ class PostgresState(State):
         self.lease_s = lease_s
         self.heartbeat_s = min(1.0, lease_s / 8)
         self.live_s = min(lease_s, 10.0)  # a worker silent this long is counted out of the shares
-        self._db = psycopg.connect(url, application_name="imagegen-pipeline", connect_timeout=10)
         try:
-            self._open(output, readonly)
+            self._db = psycopg.connect(url, application_name="imagegen-pipeline", connect_timeout=10)
+        except psycopg.Error as exc:
+            raise StorageError(f"state {url}: {exc}") from exc
+        try:
+            with self._database():
+                self._open(output, readonly)
         except BaseException:
             self._db.close()
             raise
+
+    @contextmanager
+    def _database(self) -> Iterator[None]:
+        """psycopg's errors become ours (the run stops, exit 74): callers need not know the driver."""
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise StorageError(f"state {_where(self._db)}: {exc}") from exc
 
     def _open(self, output: str, readonly: bool) -> None:
         if readonly:
@@ -103,6 +115,10 @@ class PostgresState(State):
     def _q(self, query: str) -> str:
         return query.replace("?", "%s")
 
+    def _x(self, query: str, params: Iterable[Any] = ()) -> Any:
+        with self._database():
+            return super()._x(query, params)
+
     def _check_output(self, output: str, create: bool) -> None:
         found = self._x("SELECT value FROM meta WHERE key = 'output'").fetchone()
         if found is None and create:
@@ -114,7 +130,7 @@ class PostgresState(State):
             ])  # fmt: skip
 
     def _stream(self, query: str, params: Iterable[Any] = ()) -> Iterator[tuple[Any, ...]]:
-        with self._db.cursor(name=f"stream_{uuid.uuid4().hex[:8]}") as cursor:
+        with self._database(), self._db.cursor(name=f"stream_{uuid.uuid4().hex[:8]}") as cursor:
             cursor.itersize = CURSOR_ROWS
             cursor.execute(self._q(query), tuple(params))
             yield from cursor
@@ -122,22 +138,33 @@ class PostgresState(State):
     def close(self) -> None:
         try:
             if not self._db.closed:
-                self._db.commit()
+                self.commit()
         finally:
             self._db.close()
 
     def commit(self) -> None:
-        self._db.commit()
+        with self._database():
+            self._db.commit()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._database():
+            try:
+                yield
+            except BaseException:
+                self._db.rollback()
+                raise
+            self._db.commit()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        self._db.commit()
+        self.commit()
         self._x("SELECT pg_advisory_lock(?)", (DATASET_LOCK,))
         try:
             yield
         finally:
             self._x("SELECT pg_advisory_unlock(?)", (DATASET_LOCK,))
-            self._db.commit()
+            self.commit()
 
     # -- items
 
@@ -193,7 +220,7 @@ class PostgresState(State):
                 ([i.id for i in items], [i.index for i in items], self.worker, self.worker, self.lease_s),
             ).fetchall()
         }
-        self._db.commit()
+        self.commit()
         return [(item, granted[item.id, item.index]) for item in items if (item.id, item.index) in granted]
 
     def release(self, items: list[Item]) -> None:
@@ -203,7 +230,7 @@ class PostgresState(State):
                 " AS w(id, idx) WHERE items.id = w.id AND items.idx = w.idx AND lease_owner = ?",
                 ([i.id for i in items], [i.index for i in items], self.worker),
             )
-            self._db.commit()
+            self.commit()
 
     def holds(self, item: Item) -> bool:
         found = self._x(
@@ -277,7 +304,7 @@ class PostgresState(State):
             f" FROM workers WHERE ended_at IS NULL AND heartbeat_at > {NOW} - ? ORDER BY started_at",
             (self.live_s,),
         ).fetchall()
-        self._db.rollback()
+        self.commit()
         return [
             {"worker": w, "host": host, "pid": pid, "age_s": round(age), "heartbeat_s": round(beat, 1),
              "leases": leases}
@@ -287,5 +314,8 @@ class PostgresState(State):
 
 def _where(db: psycopg.Connection[Any]) -> str:
     """The server and database, for messages: never the password."""
-    info = db.info
-    return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
+    try:
+        info = db.info
+        return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
+    except psycopg.Error:
+        return "PostgreSQL (connection lost)"
