@@ -203,7 +203,7 @@ class Manifest(_Strict):
     price_per_image: Annotated[float, Field(ge=0)] | None = None  # USD; default: the model's list price
     state: Annotated[str, Field(min_length=1)] | None = None  # postgresql://... (default: SQLite in output)
     storage_options: dict[str, Any] = {}  # passed to the output's fsspec filesystem (endpoint_url, ...)
-    lease_s: Annotated[float, Field(gt=0, le=86400)] = 120.0  # a shared state's item leases
+    lease_s: Annotated[float, Field(ge=1, le=86400)] = 120.0  # a shared state's item leases
     defaults: Defaults = Defaults()
     jobs: Annotated[list[Job], Field(min_length=1)]
     _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest
