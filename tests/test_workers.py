@@ -356,3 +356,29 @@ def test_the_dry_run_of_a_shared_output_reads_its_state(
     assert run("run", manifest, *where(pg_url, s3_url, s3_options), "--dry-run", "--log-format", "json") == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["done"], plan["new"], plan["paid_requests"]) == (4, 2, 2)
+
+
+def test_an_s3_store_lists_images_once_and_still_sees_what_others_store_later(
+    s3_url: str, s3_options: dict[str, str]
+) -> None:
+    from pipeline.simulator import render_png
+    from pipeline.storage import open_store
+
+    ours, theirs = open_store(s3_url, s3_options), open_store(s3_url, s3_options)
+    ours.prepare()
+    theirs.prepare()
+    try:
+        for name in ("one", "two"):
+            (theirs.spool / name).write_bytes(render_png(8, 8, name))
+        assert theirs.put(theirs.spool / "one", "images/one.png", replace=False)
+        assert ours.exists("images/one.png")  # from the listing
+        assert theirs.put(theirs.spool / "two", "images/two.png", replace=False)
+        assert ours.exists("images/two.png")  # stored after the listing: asked, not taken as absent
+        assert not ours.exists("images/three.png")
+        (ours.spool / "late").write_bytes(render_png(8, 8, "late"))
+        assert ours.put(ours.spool / "late", "images/two.png", replace=False) is False  # create-if-absent
+        with ours.open("images/two.png") as stored:
+            assert stored.read() == render_png(8, 8, "two")
+    finally:
+        ours.close()
+        theirs.close()

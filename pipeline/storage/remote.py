@@ -20,6 +20,8 @@ from typing import IO, Any, cast
 import fsspec
 from fsspec.core import url_to_fs
 
+IMAGES = "images/"
+
 
 class RemoteStore:
     def __init__(self, url: str, options: dict[str, Any]) -> None:
@@ -28,6 +30,7 @@ class RemoteStore:
         self._fs, root = url_to_fs(self.url, **options)
         self._root = root.rstrip("/")
         self._exclusive = "mode" in inspect.signature(self._fs.put_file).parameters
+        self._images: set[str] | None = None  # what images/ held at the first look, and since put
         self.spool = Path(tempfile.gettempdir()) / f"pipeline-spool-{uuid.uuid4().hex}"
 
     @property
@@ -54,10 +57,28 @@ class RemoteStore:
         else:
             self._fs.put_file(str(source), target)
         source.unlink(missing_ok=True)
+        if self._images is not None and relative.startswith(IMAGES):
+            self._images.add(relative)
         return True
 
     def exists(self, relative: str) -> bool:
+        """Images are looked up in one listing of `images/`, taken at the first call (a rerun of a
+        million done items makes a thousand LIST requests, not a million HEADs); a name not in it is
+        asked for, as another worker may have stored it since."""
+        if relative.startswith(IMAGES):
+            if self._images is None:
+                self._images = self._list(IMAGES)
+            if relative in self._images:
+                return True
         return bool(self._fs.exists(self._path(relative)))
+
+    def _list(self, folder: str) -> set[str]:
+        prefix = self._path(folder)
+        try:
+            found = {path[len(self._root) + 1 :] for path in self._fs.find(prefix)}
+        finally:
+            self._fs.invalidate_cache(prefix)  # fsspec's listing cache would answer "absent" from now on
+        return found
 
     def open(self, relative: str) -> IO[bytes]:
         return cast(IO[bytes], self._fs.open(self._path(relative), "rb"))
@@ -69,6 +90,8 @@ class RemoteStore:
         self.put(Path(out.name), relative, replace=True)  # one PUT: readers see the old or the new file
 
     def delete(self, relative: str) -> None:
+        if self._images is not None:
+            self._images.discard(relative)
         try:
             self._fs.rm_file(self._path(relative))
         except FileNotFoundError:
