@@ -238,7 +238,10 @@ def _run_on_ray(args: argparse.Namespace, manifest: Manifest, output: Store, sta
         )  # fmt: skip
     finally:
         bar.close()
-    print(f"{args.workers} worker(s) on Ray: exit {code}", file=sys.stderr if code else sys.stdout)
+    if args.log_format == "json":
+        print(json.dumps({"event": "summary", "workers": args.workers, "exit_code": code}), flush=True)
+    else:
+        print(f"{args.workers} worker(s) on Ray: exit {code}", file=sys.stderr if code else sys.stdout)
     return code
 
 
