@@ -53,8 +53,12 @@ def decide(
 
 def step_of(item: Item, row: Row | None, store: Store, url_ttl_s: float, retry_failed: bool) -> Step:
     """What an item needs, looking in the store only when the state says its image is current."""
-    current = row is not None and row.file is not None and row.image_fp == item.fingerprint
-    exists = current and row is not None and row.file is not None and store.exists(row.file)
+    exists = (
+        row is not None
+        and row.file is not None
+        and row.image_fp == item.fingerprint
+        and store.exists(row.file)
+    )
     return decide(item, row, exists, time.time(), url_ttl_s, retry_failed)
 
 
