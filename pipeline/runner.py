@@ -257,9 +257,8 @@ class Runner:
         """Start the items that need work, each once it has a slot and (with a shared state) once this
         worker has claimed it; returns those another worker holds. Slots come first: a claimed item
         never waits for one, so no item is kept from the other workers while this one is busy."""
-        wanted = [
-            (i, row) for i, row in zip(items, self._state.rows(items), strict=True) if self._needs(i, row)
-        ]
+        looked = zip(items, self._state.rows(items), strict=True)
+        wanted = [(item, row, step) for item, row in looked if (step := self._work_step(item, row))]
         held: list[Item] = []
         queue = iter(wanted)
         while not self._stopping.is_set() and (first := next(queue, None)) is not None:
@@ -270,16 +269,19 @@ class Runner:
                     slots.release()
                     break
                 batch.append(more)
-            granted = self._state.claim(batch) if self._state.shared else batch
-            taken = {item.name for item, _ in granted}
-            held += [item for item, _ in batch if item.name not in taken]
-            settled = [item for item, row in granted if self._state.shared and not self._needs(item, row)]
+            granted: list[tuple[Item, Row | None, Step | None]] = list(batch)
+            if self._state.shared:  # decided again on the row as claimed: another may have settled it
+                claimed = self._state.claim([(item, row) for item, row, _ in batch])
+                granted = [(item, row, self._work_step(item, row)) for item, row in claimed]
+            taken = {item.name for item, _, _ in granted}
+            held += [item for item, _, _ in batch if item.name not in taken]
+            settled = [item for item, _, step in granted if step is None]
             self._state.release(settled)  # finished by another worker since we looked
             for _ in range(len(batch) - len(granted) + len(settled)):
                 slots.release()
-            for item, row in granted:
-                if item not in settled:
-                    task = group.create_task(self._process(item, self._step(item, row), row))
+            for item, row, step in granted:
+                if step is not None:
+                    task = group.create_task(self._process(item, step, row))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     task.add_done_callback(lambda _: slots.release())
@@ -292,17 +294,14 @@ class Runner:
             digest.update(f"{item.name}\x1f{item.fingerprint}\n".encode())
         self._state.seed(lambda: iter_items(self.manifest), digest.hexdigest())
 
-    def _step(self, item: Item, row: Row | None) -> Step:
-        return step_of(item, row, self.store, self.manifest.url_ttl_s, self.options.retry_failed)
-
-    def _needs(self, item: Item, row: Row | None) -> bool:
-        """Whether the item needs work; counts it as skipped or failed when it does not."""
-        step = self._step(item, row)
+    def _work_step(self, item: Item, row: Row | None) -> Step | None:
+        """What the item needs, or None when it needs nothing: then it is counted as skipped or failed."""
+        step = step_of(item, row, self.store, self.manifest.url_ttl_s, self.options.retry_failed)
         if step is Step.DONE:
             self.summary.skipped += 1
         elif step is Step.FAILED and row:
             self.summary.failed[row.error_type or "error"] += 1
-        return step not in (Step.DONE, Step.FAILED)
+        return None if step in (Step.DONE, Step.FAILED) else step
 
     def _limits(self) -> dict[str, int]:
         """The limits shared by the workers: the pool's, and each provider's concurrency."""

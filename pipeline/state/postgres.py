@@ -148,13 +148,8 @@ class PostgresState(State):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._database():
-            try:
-                yield
-            except BaseException:
-                self._db.rollback()
-                raise
-            self._db.commit()
+        with self._database(), super().transaction():
+            yield
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
