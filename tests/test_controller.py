@@ -86,3 +86,14 @@ def test_breaker_trips_doubles_and_probes() -> None:
     assert breaker.allows(1.0, 0) and not breaker.allows(1.0, 1)  # one probe at a time
     breaker.succeeded()
     assert not breaker.probing and breaker.allows(1.0, 5)
+
+
+def test_a_probe_that_succeeds_starts_the_cool_down_over() -> None:
+    """A provider failing a steady share of its requests trips now and then; each trip is short."""
+    breaker = Breaker()
+    for _ in range(3):
+        for _ in range(BREAKER_FAILURES - 1):
+            assert breaker.failed() is None
+        assert breaker.failed() == 2.0  # not 4, 8: the probe after each trip succeeded
+        breaker.open_until = 0.0
+        breaker.succeeded()

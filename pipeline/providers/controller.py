@@ -29,8 +29,9 @@ several in a row without a success, pause the provider briefly, doubling, so one
 everything is not hammered; a single one, or a burst that finds a cap, does not stall it.
 
 `Breaker` takes a provider out after several failures in a row (connection errors, timeouts, 5xx)
-for a cool-down that doubles each time it trips, then lets one probe request through before the
-provider gets its full share back.
+for a cool-down, then lets one probe request through before the provider gets its full share back.
+The cool-down doubles each time the probe fails; a probe that succeeds starts it over (a provider
+failing a steady quarter of its requests would otherwise climb to minutes-long outages).
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ PROBE_ROUNDS = 16  # successes at the ceiling, in multiples of the ceiling, befo
 THROTTLE_PAUSE_S = 0.05  # the first pause after two 429s in a row; doubles with each further one
 PROBE_S = 1.0  # after a rate window resets, one request at a time for this long, until its reply tells
 BREAKER_FAILURES = 5  # failures in a row that take a provider out
-BREAKER_COOLDOWN_S = 2.0  # the first cool-down; doubles each time the breaker trips
+BREAKER_COOLDOWN_S = 2.0  # the first cool-down; doubles each time a probe fails
 BREAKER_MAX_COOLDOWN_S = 240.0
-BREAKER_FORGET = 50  # successes in a row after which earlier trips are forgotten
 
 
 class Controller:
@@ -137,8 +137,7 @@ class Breaker:
         self.open_until = 0.0
         self.probing = False  # after a cool-down: one request decides
         self._failures = 0
-        self._trips = 0
-        self._successes = 0
+        self._trips = 0  # trips since the last probe that succeeded
 
     def allows(self, now: float, in_flight: int) -> bool:
         if now < self.open_until:
@@ -146,16 +145,14 @@ class Breaker:
         return not (self.probing and in_flight > 0)
 
     def succeeded(self) -> None:
+        if self.probing:  # the provider is back: its next trip starts from the first cool-down again
+            self._trips = 0
         self._failures = 0
         self.probing = False
-        self._successes += 1
-        if self._successes >= BREAKER_FORGET:
-            self._trips = 0
 
     def failed(self) -> float | None:
         """A connection error, timeout or 5xx: the cool-down in seconds when this trips the breaker."""
         self._failures += 1
-        self._successes = 0
         if not (self.probing or self._failures >= BREAKER_FAILURES):
             return None
         cooldown = min(BREAKER_MAX_COOLDOWN_S, BREAKER_COOLDOWN_S * 2.0**self._trips)

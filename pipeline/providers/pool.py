@@ -165,8 +165,11 @@ class Pool:
                     return member, member.controller.sent()
                 wakes = [t for t in (m.wakes_at(now) for m in live) if t is not None]
                 timeout = max(0.0, min(wakes) - now) if wakes else None
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # meets a wake-up, and this loop would then wait for ever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._changed.wait()
 
     async def _release(self, member: Member) -> None:
         async with self._changed:
