@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -22,9 +24,10 @@ from typing import Any
 
 import aiohttp
 import yaml
+from PIL import Image
 
 from pipeline.manifest import iter_items, load_manifest
-from pipeline.simulator import render_png
+from pipeline.simulator import SimConfig, SimulatorThread, render_png
 from pipeline.state import SqliteState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +100,12 @@ def manifest(folder: Path, items: int, concurrency: int, **top: Any) -> Path:
         for n in range(items):
             out.write(json.dumps({"id": f"item-{n}", "prompt": f"benchmark prompt number {n}"}) + "\n")
     path = folder / "bench.yaml"
-    body = {"output": str(folder / "out"), "concurrency": concurrency, **top,
-            "jobs": [{"prompts_file": "prompts.jsonl", "id_field": "id"}]}  # fmt: skip
+    body = {
+        "output": str(folder / "out"),
+        "concurrency": concurrency,
+        **top,
+        "jobs": [{"prompts_file": "prompts.jsonl", "id_field": "id"}],
+    }
     path.write_text(yaml.safe_dump(body))
     return path
 
@@ -109,9 +116,11 @@ async def bare_client(base_url: str, items: int, concurrency: int) -> float:
     url_re = re.compile(r"\]\((http[^)]+)\)")
 
     async def one(session: aiohttp.ClientSession, n: int) -> None:
-        body = {"model": "gemini-2.5-flash-image",
-                "messages": [{"role": "user", "content": f"ceiling prompt {n}"}],
-                "extra_body": {"google": {"image_config": {"aspect_ratio": "1:1"}}}}  # fmt: skip
+        body = {
+            "model": "gemini-2.5-flash-image",
+            "messages": [{"role": "user", "content": f"ceiling prompt {n}"}],
+            "extra_body": {"google": {"image_config": {"aspect_ratio": "1:1"}}},
+        }
         async with gate:
             headers = {"Authorization": "Bearer bench"}
             async with session.post(f"{base_url}/chat/completions", json=body, headers=headers) as resp:
@@ -136,11 +145,15 @@ def latency_bound(items: int, out: Path) -> dict[str, Any]:
         sim_cpu = sim.cpu_s() - sim_cpu
     rate = run["result"]["done"] / run["result"]["elapsed_s"]
     return {
-        "items": items, "concurrency": concurrency, "items_per_s": round(rate, 1),
-        "efficiency": round(rate / (concurrency / latency), 3), "cpu_ms_per_item": _per_item(run, items),
-        "sim_cpu_s": round(sim_cpu, 1), "download_wait_p99_ms": run["result"]["download_wait_ms"]["p99"],
+        "items": items,
+        "concurrency": concurrency,
+        "items_per_s": round(rate, 1),
+        "efficiency": round(rate / (concurrency / latency), 3),
+        "cpu_ms_per_item": _per_item(run, items),
+        "sim_cpu_s": round(sim_cpu, 1),
+        "download_wait_p99_ms": run["result"]["download_wait_ms"]["p99"],
         "exit": run["exit"],
-    }  # fmt: skip
+    }
 
 
 def overhead_bound(items: int, out: Path) -> dict[str, Any]:
@@ -154,12 +167,18 @@ def overhead_bound(items: int, out: Path) -> dict[str, Any]:
         ceiling_sim_cpu = sim.cpu_s() - sim_cpu
     rate = run["result"]["done"] / run["result"]["elapsed_s"]
     return {
-        "items": items, "concurrency": concurrency, "items_per_s": round(rate, 1),
-        "cpu_ms_per_item": _per_item(run, items), "peak_rss_mb": run["rss_mb"],
-        "ceiling_items_per_s": round(ceiling, 1), "ratio_to_ceiling": round(rate / ceiling, 3),
-        "sim_cpu_s_ours": round(ours_sim_cpu, 1), "sim_cpu_s_ceiling": round(ceiling_sim_cpu, 1),
-        "download_wait_p99_ms": run["result"]["download_wait_ms"]["p99"], "exit": run["exit"],
-    }  # fmt: skip
+        "items": items,
+        "concurrency": concurrency,
+        "items_per_s": round(rate, 1),
+        "cpu_ms_per_item": _per_item(run, items),
+        "peak_rss_mb": run["rss_mb"],
+        "ceiling_items_per_s": round(ceiling, 1),
+        "ratio_to_ceiling": round(rate / ceiling, 3),
+        "sim_cpu_s_ours": round(ours_sim_cpu, 1),
+        "sim_cpu_s_ceiling": round(ceiling_sim_cpu, 1),
+        "download_wait_p99_ms": run["result"]["download_wait_ms"]["p99"],
+        "exit": run["exit"],
+    }
 
 
 def scale(sizes: list[int], out: Path) -> list[dict[str, Any]]:
@@ -173,11 +192,16 @@ def scale(sizes: list[int], out: Path) -> list[dict[str, Any]]:
             _fake_done(path, folder / "out")
             rerun = measured("run", path, base_url=sim.base_url)
             assert rerun["result"]["requests"] == 0 and rerun["result"]["skipped"] == items, rerun
-            rows.append({
-                "items": items, "fresh_plan_s": round(plan["wall_s"], 2), "fresh_plan_rss_mb": plan["rss_mb"],
-                "working_run_rss_mb": working["rss_mb"], "done_rerun_s": round(rerun["wall_s"], 2),
-                "done_rerun_rss_mb": rerun["rss_mb"],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "items": items,
+                    "fresh_plan_s": round(plan["wall_s"], 2),
+                    "fresh_plan_rss_mb": plan["rss_mb"],
+                    "working_run_rss_mb": working["rss_mb"],
+                    "done_rerun_s": round(rerun["wall_s"], 2),
+                    "done_rerun_rss_mb": rerun["rss_mb"],
+                }
+            )
             shutil.rmtree(folder)
     return rows
 
@@ -211,10 +235,15 @@ def cap_efficiency(items: int, out: Path) -> dict[str, Any]:
         stats = _sim_stats(sim.base_url)
     rate = run["result"]["done"] / run["result"]["elapsed_s"]
     return {
-        "items": items, "cap": cap, "concurrency": 64, "items_per_s": round(rate, 1),
-        "efficiency": round(rate / (cap / latency), 3), "peak_in_flight": stats["peak_in_flight"],
-        "share_429": round(stats["statuses"].get("429", 0) / stats["requests"], 4), "exit": run["exit"],
-    }  # fmt: skip
+        "items": items,
+        "cap": cap,
+        "concurrency": 64,
+        "items_per_s": round(rate, 1),
+        "efficiency": round(rate / (cap / latency), 3),
+        "peak_in_flight": stats["peak_in_flight"],
+        "share_429": round(stats["statuses"].get("429", 0) / stats["requests"], 4),
+        "exit": run["exit"],
+    }
 
 
 def quota_efficiency(items: int, out: Path) -> dict[str, Any]:
@@ -228,12 +257,15 @@ def quota_efficiency(items: int, out: Path) -> dict[str, Any]:
         stats = _sim_stats(sim.base_url)
     elapsed = run["result"]["elapsed_s"]
     return {
-        "items": items, "quota": quota, "window_s": window,
+        "items": items,
+        "quota": quota,
+        "window_s": window,
         "per_minute": round(run["result"]["done"] / elapsed * 60),
         "quota_per_minute": round(quota * 60 / window),
         "efficiency": round((items / quota - 1) * window / elapsed, 3),
-        "share_429": round(stats["statuses"].get("429", 0) / stats["requests"], 4), "exit": run["exit"],
-    }  # fmt: skip
+        "share_429": round(stats["statuses"].get("429", 0) / stats["requests"], 4),
+        "exit": run["exit"],
+    }
 
 
 def workers(items: int, out: Path) -> dict[str, Any]:
@@ -261,11 +293,40 @@ def workers(items: int, out: Path) -> dict[str, Any]:
             rates[count] = items / elapsed
             shutil.rmtree(folder)
     return {
-        "items": items, "concurrency": concurrency, "sqlite_one_items_per_s": round(rates[0], 1),
+        "items": items,
+        "concurrency": concurrency,
+        "sqlite_one_items_per_s": round(rates[0], 1),
         **{f"items_per_s_{n}": round(rates[n], 1) for n in (1, 2, 4)},
         **{f"ratio_{n}": round(rates[n] / rates[1], 2) for n in (2, 4)},
-        "postgres_one_to_sqlite_one": round(rates[1] / rates[0], 2), "cores": os.cpu_count(),
-    }  # fmt: skip
+        "postgres_one_to_sqlite_one": round(rates[1] / rates[0], 2),
+        "cores": os.cpu_count(),
+    }
+
+
+def batch_collection(items: int, out: Path) -> dict[str, Any]:
+    """Batch mode's collection of one results file of `items` lines, each a 1.5 MB image in base64:
+    one worker process decoding lines against one per core (the run's default)."""
+    noise = Image.frombytes("RGB", (700, 700), random.Random(7).randbytes(700 * 700 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    row: dict[str, Any] = {"items": items, "image_mb": round(len(buffer.getvalue()) / 1e6, 2)}
+    config = SimConfig(key="bench", image_bytes=buffer.getvalue(), batch_duration_s=0.1)
+    with SimulatorThread(config) as sim:
+        for label, workers in (("one", 1), ("all", None)):
+            folder = _fresh(out / f"batch-{label}")
+            batch = {"poll_interval_s": 0.05, "max_requests": items, "workers": workers}
+            provider = {"name": "g", "protocol": "gemini", "mode": "batch", "base_url": sim.origin}
+            path = manifest(
+                folder, items, 8, providers=[{**provider, "api_key_env": "IMAGE_API_KEY"}], batch=batch
+            )
+            run = measured("run", path, base_url=sim.base_url)
+            assert run["exit"] == 0, run
+            row[f"collect_s_{label}"] = run["result"]["providers"]["g"]["collect_s"]
+            row[f"rss_mb_{label}"] = run["rss_mb"]
+    row["cores"] = os.cpu_count()
+    row["speedup"] = round(row["collect_s_one"] / row["collect_s_all"], 2)
+    row["lines_per_s_all"] = round(items / row["collect_s_all"], 1)
+    return row
 
 
 def _per_item(run: dict[str, Any], items: int) -> float:
@@ -286,17 +347,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     sizes = (
-        ([200], [300], [1_000, 5_000], [100], [60], [200])
+        ([200], [300], [1_000, 5_000], [100], [60], [200], [20])
         if args.quick
-        else ([3_000], [5_000], [10_000, 100_000, 1_000_000], [600], [600], [3_000])
+        else ([3_000], [5_000], [10_000, 100_000, 1_000_000], [600], [600], [3_000], [300])
     )
     report: dict[str, Any] = {}
-    for name, scenario, size in (("latency_bound", latency_bound, sizes[0][0]),
-                                 ("overhead_bound", overhead_bound, sizes[1][0]),
-                                 ("scale", scale, sizes[2]),
-                                 ("cap", cap_efficiency, sizes[3][0]),
-                                 ("quota", quota_efficiency, sizes[4][0]),
-                                 ("workers", workers, sizes[5][0])):  # fmt: skip
+    for name, scenario, size in (
+        ("latency_bound", latency_bound, sizes[0][0]),
+        ("overhead_bound", overhead_bound, sizes[1][0]),
+        ("scale", scale, sizes[2]),
+        ("cap", cap_efficiency, sizes[3][0]),
+        ("quota", quota_efficiency, sizes[4][0]),
+        ("workers", workers, sizes[5][0]),
+        ("batch_collection", batch_collection, sizes[6][0]),
+    ):
         if args.only and name not in args.only.split(","):
             continue
         if name == "workers" and postgres_bin() is None:
@@ -343,6 +407,13 @@ def render(report: dict[str, Any]) -> str:
             f" {w['items_per_s_1']} / {w['items_per_s_2']} / {w['items_per_s_4']} items/s,"
             f" ratio to one 1 / {w['ratio_2']} / {w['ratio_4']} on {w['cores']} cores;"
             f" one on SQLite {w['sqlite_one_items_per_s']}/s"
+        )
+    if "batch_collection" in report:
+        b = report["batch_collection"]
+        tail.append(
+            f"batch collection  {b['items']:>5} lines of {b['image_mb']} MB images:"
+            f" {b['collect_s_one']} s with one worker process, {b['collect_s_all']} s with one per core"
+            f" ({b['cores']}): x{b['speedup']}, {b['lines_per_s_all']} lines/s, peak RSS {b['rss_mb_all']} MB"
         )
     for row in report["scale"]:
         lines.append(

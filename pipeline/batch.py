@@ -10,10 +10,13 @@ Never pay twice, never lose a job:
   name on every page of the provider's list and adopted; it is created only when it is not there.
 - An item held by a job not yet collected or ended goes into no other job. A job that ends FAILED,
   CANCELLED or EXPIRED gives its items back; a SUCCEEDED one is collected once: its results file is
-  streamed to disk, then read line by line (each line, an image of 1-2 MB in base64, is decoded,
-  written, recorded and dropped in turn), and a line whose image is already recorded is skipped.
-- Retryable lines (429, 5xx) go into the next job, within `max_attempts`; refusals and permanent
-  errors are recorded as online ones are. After collection the job's files are deleted.
+  streamed to disk, then its lines are decoded, verified and spooled several at a time in worker
+  processes (`pipeline.collect`: a line is an image of 1-2 MB in base64), each put in place and
+  recorded by the run core's recorder (`done` only once durable, sizes checked as online), and a
+  line whose image is already recorded is skipped.
+- Retryable lines (429, 5xx) go into the next job, as `pipeline.retry` decides for online items;
+  refusals and permanent errors are recorded as online ones are. After collection the job's files
+  are deleted.
 """
 
 from __future__ import annotations
@@ -22,77 +25,58 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import random
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import aiofiles
 import aiohttp
 
-from pipeline.classify import backoff_delay
-from pipeline.download import Downloader
-from pipeline.errors import ItemError, StorageError
-from pipeline.manifest import Item, Manifest, iter_items
+from pipeline import collect
+from pipeline.core import RunCore, output_identity
+from pipeline.download import Downloader, StoredImage
+from pipeline.errors import ItemError
+from pipeline.events import EventKind
+from pipeline.item import Item, Status
+from pipeline.manifest import iter_items
 from pipeline.plan import Step, plan_items
-from pipeline.presets import expected_size
-from pipeline.providers.gemini import GeminiClient, request_body, results_line
+from pipeline.providers.gemini import GeminiClient, request_body
 from pipeline.providers.gemini_batch import BatchClient
-from pipeline.runner import Event, RunOptions, Summary, metadata_row, output_identity, recorded_run
+from pipeline.retry import Action, for_item
 from pipeline.state import OPEN_STAGES
-from pipeline.storage import Store
 
 SUCCEEDED = "BATCH_STATE_SUCCEEDED"
 ENDED = ("BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED")
 MAX_POLL_S = 300.0  # polls back off to this
-COMMIT_EVERY = 32  # results lines written between two state commits
 STEP_TRIES = 3  # submitting or polling, tried this often through transient failures before the run stops
+LINES_PER_WORKER = 2  # results lines in the works at once, per worker process
 
 
-class BatchRunner:
-    def __init__(
-        self,
-        manifest: Manifest,
-        store: Store,
-        options: RunOptions,
-        on_event: Callable[[Event], None] = lambda event: None,
-        submit_only: bool = False,
-    ) -> None:
-        self.manifest = manifest
-        self.store = store
-        self.options = options
-        self.summary = Summary(total=manifest.total_items)
-        self._endpoint = options.endpoints[0]
-        self._on_event = on_event
-        self._submit_only = submit_only
-        self._stopping = asyncio.Event()
-        self._tag = hashlib.sha256(output_identity(store).encode()).hexdigest()[:8]
+class BatchRunner(RunCore):
+    """The batch mode: items packed into jobs, submitted, polled, collected (`mode: batch`)."""
+
+    async def _work(self) -> None:
+        self._endpoint = self.options.endpoints[0]
+        self._tag = hashlib.sha256(output_identity(self.store).encode()).hexdigest()[:8]
         self._submissions: Counter[str] = Counter()  # jobs each item went into during this run
+        self._attempts: Counter[str] = Counter()  # attempts that counted, per item, this run
+        self._throttles: Counter[str] = Counter()  # 429 lines, per item, this run (they cost none)
+        self._settled: set[str] = set()  # items recorded failed this run: into no further job
         self._jobs = {"created": 0, "adopted": 0, "collected": 0, "ended": 0}
-        self._rng = random.Random()
-
-    def stop(self, reason: str) -> None:
-        if not self._stopping.is_set():
-            self.summary.stopped = reason
-            self._stopping.set()
-
-    def interrupt(self, signum: int) -> None:
-        """A signal: stop waiting at once; every job is recorded already."""
-        self.summary.signal = signum
-        self.stop("interrupted")
-
-    async def run(self) -> Summary:
-        with recorded_run(self.store, self.options.state_url, self.manifest.lease_s, self.summary) as state:
-            self._state = state
-            try:
-                await self._session()
-            except ItemError as exc:  # the batch API itself failed: every job stays recorded
-                self.summary.fatal = f"{self._endpoint.spec.name}: {exc.message}"
-            except OSError as exc:  # writing a job's input or reading its results: the disk
-                self.summary.storage = str(exc.strerror or exc)
-            self.summary.providers = {self._endpoint.spec.name: {"batch_jobs": dict(self._jobs)}}
-        return self.summary
+        self._workers: ProcessPoolExecutor | None = None
+        self._collect_s = 0.0  # reading results files, all jobs
+        try:
+            await self._session()
+        except ItemError as exc:  # the batch API itself failed: every job stays recorded
+            self.summary.fatal = f"{self._endpoint.spec.name}: {exc.message}"
+        finally:
+            if self._workers is not None:
+                self._workers.shutdown(cancel_futures=True)
+            figures = {"batch_jobs": dict(self._jobs), "collect_s": round(self._collect_s, 3)}
+            self.summary.providers = {self._endpoint.spec.name: figures}
 
     async def _session(self) -> None:
         endpoint = self._endpoint
@@ -100,19 +84,25 @@ class BatchRunner:
             self._api = BatchClient(session, endpoint.base_url, endpoint.key, endpoint.spec.timeout_s)
             self._references = GeminiClient(session, endpoint.base_url, endpoint.key, endpoint.spec)
             self._writer = Downloader(
-                session, self.store, max_bytes=int(self.manifest.download_max_mb * 1_000_000),
+                session,
+                self.store,
+                max_bytes=self._max_bytes,
                 timeout_s=endpoint.spec.timeout_s,
-            )  # fmt: skip
+            )
             try:
-                await self._work()
+                await self._poll_loop()
             finally:
                 self._writer.close()
 
-    async def _work(self) -> None:
+    @property
+    def _max_bytes(self) -> int:
+        return int(self.manifest.download_max_mb * 1_000_000)
+
+    async def _poll_loop(self) -> None:
         settings = self.manifest.batch
         await self._retrying(self._poll_all)
         await self._retrying(self._submit, True)
-        if self._submit_only:
+        if self.options.submit_only:
             self.stop("submitted")
             return
         deadline = time.monotonic() + settings.max_wait_s
@@ -121,8 +111,7 @@ class BatchRunner:
             if time.monotonic() >= deadline:
                 self.stop("max_wait")
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), min(interval, deadline - time.monotonic()))
+            await self._pause(min(interval, deadline - time.monotonic()))
             if self._stopping.is_set():
                 return
             interval = min(interval * 1.5, max(MAX_POLL_S, settings.poll_interval_s))
@@ -133,7 +122,7 @@ class BatchRunner:
                 if not exc.retryable:
                     raise
                 self.summary.retries[exc.kind] += 1  # the provider hiccuped: the next poll tries again
-                self._event("batch_warning", f"{exc.message}; polling again")
+                self._event(EventKind.BATCH_WARNING, f"{exc.message}; polling again")
 
     async def _retrying(self, step: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """A step of the run, tried again after a transient failure (with backoff) before giving up:
@@ -146,8 +135,7 @@ class BatchRunner:
                 if not exc.retryable or attempt == STEP_TRIES:
                     raise
                 self.summary.retries[exc.kind] += 1
-                await asyncio.sleep(backoff_delay(attempt, self._rng, self.manifest.backoff_base_s,
-                                                  self.manifest.backoff_cap_s))  # fmt: skip
+                await asyncio.sleep(self._backoff(attempt))
 
     # Submitting
 
@@ -166,12 +154,12 @@ class BatchRunner:
                 if first and row:
                     self.summary.failed[row.error_type or "error"] += 1
                 continue
-            if self._state.in_open_batch(item):
+            if item.name in self._settled or self._state.in_open_batch(item):
                 continue
             if step is Step.DOWNLOAD and row and row.url and await self._fetch_recorded(item, row.url):
                 continue
-            if self._submissions[item.name] >= self.manifest.max_attempts:
-                continue
+            if self._submissions[item.name] >= self.manifest.max_attempts + self._throttles[item.name]:
+                continue  # in as many jobs as it may be this run (lines missing from their results)
             if budget is not None and self.summary.requests + len(chunk) >= budget:
                 self.stop("max_requests")
                 break
@@ -188,14 +176,13 @@ class BatchRunner:
             stored = await self._writer.fetch(url, item.name)
         except ItemError:
             return False
-        self._record_image(item, stored, None)
-        self._commit()
+        await self._record_image(item, stored, None)
         return True
 
     async def _new_job(self, items: list[Item]) -> None:
         display_name = f"imggen-{self._tag}-{self._state.batch_count() + 1:04d}"
         self._state.add_batch(display_name, self._endpoint.spec.name, items)
-        self._commit()  # recorded, with its items, before anything is sent
+        await self.recorder.durable()  # recorded, with its items, before anything is sent
         for item in items:
             self._submissions[item.name] += 1
         self.summary.requests += len(items)
@@ -207,7 +194,7 @@ class BatchRunner:
         input_file = await self._api.upload(path, display_name)
         path.unlink()
         self._state.update_batch(display_name, input_file=input_file)
-        self._commit()
+        await self.recorder.durable()
         await self._create(display_name, input_file)
 
     async def _create(self, display_name: str, input_file: str) -> None:
@@ -224,13 +211,13 @@ class BatchRunner:
             self._jobs["adopted"] += 1
         else:
             self._jobs["created"] += 1
-        self._activate(display_name, operation)
+        await self._activate(display_name, operation)
 
-    def _activate(self, display_name: str, operation: dict[str, Any]) -> None:
+    async def _activate(self, display_name: str, operation: dict[str, Any]) -> None:
         remote = (operation.get("metadata") or {}).get("state")
         self._state.update_batch(display_name, name=operation["name"], stage="active", remote_state=remote)
-        self._commit()
-        self._event("batch_submitted", f"{display_name} ({operation['name']})")
+        await self.recorder.durable()
+        self._event(EventKind.BATCH_SUBMITTED, f"{display_name} ({operation['name']})")
 
     # Polling and collecting
 
@@ -257,21 +244,23 @@ class BatchRunner:
             elif remote in ENDED:
                 self._state.update_batch(job.display_name, stage="ended")
                 self._jobs["ended"] += 1
-                self._event("batch_ended", f"{job.display_name}: {remote}; its {job.items} items go back")
+                self._event(
+                    EventKind.BATCH_ENDED, f"{job.display_name}: {remote}; its {job.items} items go back"
+                )
                 await self._delete(job.input_file)
                 given_back = True
-            self._commit()
+            await self.recorder.durable()
         return given_back
 
     async def _resume_create(self, display_name: str, input_file: str | None) -> None:
         found = await self._api.find(display_name)
         if found is not None:
             self._jobs["adopted"] += 1
-            self._activate(display_name, found)
+            await self._activate(display_name, found)
             return
         if input_file is None:  # died before the upload finished: the job is made again, same items
             self._state.update_batch(display_name, stage="ended", remote_state="NEVER_CREATED")
-            self._commit()
+            await self.recorder.durable()
             return
         await self._create(display_name, input_file)
 
@@ -284,74 +273,97 @@ class BatchRunner:
         }
         path = self.store.spool / f"{display_name}.results.jsonl"
         await self._api.download(results_file, path)
-        done = failed = given_back = 0
-        with path.open("rb") as lines:  # no line-length cap: a line holds a whole image
-            for n, raw in enumerate(lines, 1):
-                outcome = await self._line(raw, items)
-                done += outcome == "done"
-                failed += outcome == "failed"
-                given_back += outcome == "retry"
-                if n % COMMIT_EVERY == 0:
-                    self._commit()
+        started = time.monotonic()
+        size = self.manifest.batch.workers or os.cpu_count() or 1
+        if self._workers is None:
+            self._workers = collect.workers(size)
+        outcomes: Counter[str] = Counter()
+        room = asyncio.Semaphore(LINES_PER_WORKER * size)
+        async with asyncio.TaskGroup() as group:
+            offset = 0
+            with path.open("rb") as lines:  # no line-length cap: a line holds a whole image
+                for n, raw in enumerate(lines):
+                    await room.acquire()
+                    task = group.create_task(self._line(path, offset, len(raw), n, items, outcomes))
+                    task.add_done_callback(lambda _: room.release())
+                    offset += len(raw)
+                    del raw
         path.unlink()
-        self._state.update_batch(display_name, stage="collected", results_file=results_file, done=done,
-                                 failed=failed)  # fmt: skip
-        self._commit()
+        self._collect_s += time.monotonic() - started
+        done, failed, given_back = outcomes["done"], outcomes["failed"], outcomes["retry"]
+        self._state.update_batch(
+            display_name, stage="collected", results_file=results_file, done=done, failed=failed
+        )
+        await self.recorder.durable()
         self._jobs["collected"] += 1
         self._event(
-            "batch_collected", f"{display_name}: {done} images, {failed} failed, {given_back} to retry"
+            EventKind.BATCH_COLLECTED,
+            f"{display_name}: {done} images, {failed} failed, {given_back} to retry",
         )
         await self._delete(input_file)
         await self._delete(results_file)
         return given_back > 0 or done + failed < len(members)  # a key with no line goes into a later job
 
-    async def _line(self, raw: bytes, items: dict[str, Item]) -> str:
-        """One results line, written and recorded: done, failed, retry, or skipped."""
+    async def _line(
+        self, path: Any, offset: int, length: int, n: int, items: dict[str, Item], outcomes: Counter[str]
+    ) -> None:
+        """One results line, decoded and verified by a worker process, then recorded: done, failed,
+        retry, or skipped."""
+        tmp = self.store.spool / f"{path.stem}.{n}.part"
         try:
-            line = json.loads(raw)
-        except ValueError:
-            return "skipped"  # blank or cut short: its item, with no line, goes into a later job
-        if not isinstance(line, dict):
-            return "skipped"
-        item = items.get(str(line.get("key")))
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(
+                self._workers,
+                collect.prepare,
+                str(path),
+                offset,
+                length,
+                str(tmp),
+                self._max_bytes,
+                self.store.local is not None,
+            )
+            outcomes[await self._record_line(prepared, tmp, items)] += 1
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def _record_line(self, prepared: collect.Prepared, tmp: Any, items: dict[str, Item]) -> str:
+        item = items.get(str(prepared.key)) if prepared.key is not None else None
         if item is None:
-            return "skipped"  # not ours, or the manifest changed the item since
+            return "skipped"  # unreadable, not ours, or the manifest changed the item since
         row = self._state.get(item)
-        if row is not None and row.status == "done" and row.image_fp == item.fingerprint:
+        if row is not None and row.status == Status.DONE and row.image_fp == item.fingerprint:
             return "skipped"  # recorded when these results were read before a crash
-        outcome = results_line(line)
-        del line
-        attempts = row.attempts if row and row.fp == item.fingerprint else 0
-        if isinstance(outcome, ItemError):
-            return self._failed(item, outcome, attempts)
-        try:
-            stored = await self._writer.fetch(outcome[0], item.name)
-        except ItemError as exc:  # bytes that do not decode, too large: as online, recorded
-            return self._failed(item, exc, attempts)
-        self._record_image(item, stored, row.file if row else None)
+        error = prepared.item_error()
+        if error is not None:
+            return self._failed(item, error)
+        assert prepared.spooled is not None
+        ext, width, height, digest, size = prepared.spooled
+        relative = f"images/{item.name}.{ext}"
+        await asyncio.to_thread(self.store.put, tmp, relative, replace=True)
+        await self._record_image(
+            item, StoredImage(relative, digest, size, width, height), row.file if row else None
+        )
         return "done"
 
-    def _failed(self, item: Item, exc: ItemError, attempts: int) -> str:
-        attempts += 1
-        self._state.record_failed(item, exc.kind, exc.message, attempts)
-        if exc.retryable and self._submissions[item.name] < self.manifest.max_attempts:
-            self.summary.retries[exc.kind] += 1
+    def _failed(self, item: Item, error: ItemError) -> str:
+        decision = for_item(
+            error, self._attempts[item.name], self._throttles[item.name], self.manifest.max_attempts
+        )
+        self._throttles[item.name] += not decision.costs_attempt
+        self._attempts[item.name] += decision.costs_attempt
+        if decision.action is Action.RETRY:
+            self.summary.retries[error.kind] += 1
             return "retry"
-        self.summary.failed[exc.kind] += 1
-        self._submissions[item.name] = self.manifest.max_attempts  # settled for this run
-        self._on_event(Event("failed", item.name, f"{exc.kind}: {exc.message}", self._endpoint.spec.name))
+        if decision.action is Action.STOP:  # the provider, not the item: it stays resumable
+            self._no_provider(error)
+            return "skipped"
+        self._settled.add(item.name)
+        self.recorder.fail(item, error, self._attempts[item.name], self._endpoint.spec.name)
         return "failed"
 
-    def _record_image(self, item: Item, stored: Any, old_file: str | None) -> None:
-        expected = expected_size(item.model, item.aspect_ratio, item.image_size)
-        mismatch = expected is not None and expected != (stored.width, stored.height)
-        self._state.record_done(item, metadata_row(item, stored, mismatch, self._endpoint.spec.name))
-        if old_file and old_file != stored.file:
-            self.store.delete(old_file)
-        self.summary.done += 1
+    async def _record_image(self, item: Item, stored: StoredImage, old_file: str | None) -> None:
         self.summary.downloads += 1
-        self.summary.warnings += mismatch
-        self._on_event(Event("done", item.name, stored.file, self._endpoint.spec.name))
+        await self.recorder.image(item, stored, old_file, self._endpoint.spec.name)
 
     async def _delete(self, name: str | None) -> None:
         """Files API storage is limited (and kept 48 h): delete what was collected, quietly."""
@@ -359,13 +371,5 @@ class BatchRunner:
             with contextlib.suppress(ItemError):
                 await self._api.delete_file(name)
 
-    def _commit(self) -> None:
-        """Images renamed into place are made durable, then the state that records them."""
-        try:
-            self.store.sync()
-        except OSError as exc:
-            raise StorageError(f"cannot sync images/: {exc.strerror or exc}") from exc
-        self._state.commit()
-
-    def _event(self, kind: str, message: str) -> None:
-        self._on_event(Event(kind, "", message, self._endpoint.spec.name))
+    def _event(self, kind: EventKind, message: str) -> None:
+        self._emit(kind, None, message, self._endpoint.spec.name)

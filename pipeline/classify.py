@@ -25,18 +25,39 @@ from pipeline.errors import (
 from pipeline.extract import extract_images
 
 REFUSAL_REASONS = {
-    "content_filter", "safety", "image_safety", "prohibited_content", "image_prohibited_content",
-    "blocklist", "spii", "recitation", "image_recitation", "prompt_blocked",
-}  # fmt: skip
+    "content_filter",
+    "safety",
+    "image_safety",
+    "prohibited_content",
+    "image_prohibited_content",
+    "blocklist",
+    "spii",
+    "recitation",
+    "image_recitation",
+    "prompt_blocked",
+}
 FATAL_CODES = {
-    "insufficient_quota", "insufficient_user_quota", "invalid_api_key", "authentication_error",
-    "permission_denied", "unauthenticated", "account_deactivated", "billing_not_active",
-}  # fmt: skip
+    "insufficient_quota",
+    "insufficient_user_quota",
+    "invalid_api_key",
+    "authentication_error",
+    "permission_denied",
+    "unauthenticated",
+    "account_deactivated",
+    "billing_not_active",
+}
 PERMANENT_CODES = {"convert_request_failed", "invalid_argument", "model_not_found", "not_found"}
 RETRYABLE_CODES = {
-    "rate_limit_exceeded", "resource_exhausted", "unavailable", "internal", "server_error",
-    "deadline_exceeded", "overloaded", "upstream_error", "timeout",
-}  # fmt: skip
+    "rate_limit_exceeded",
+    "resource_exhausted",
+    "unavailable",
+    "internal",
+    "server_error",
+    "deadline_exceeded",
+    "overloaded",
+    "upstream_error",
+    "timeout",
+}
 # Texts some relays send instead of an image when the prompt was blocked (gemini-balance: "no reply yet").
 REFUSAL_PLACEHOLDERS = {"暂无返回"}
 # A Google status quoted inside a relay's message: `400 INVALID_ARGUMENT`, `"status": "NOT_FOUND"`.
@@ -44,6 +65,10 @@ INNER_STATUS = re.compile(
     r"""\b[45]\d\d\.? ([A-Z][A-Z_]{3,})\b|["']status["']\s*:\s*["']([A-Z][A-Z_]{3,})["']"""
 )
 MAX_MESSAGE = 500
+# A 429 that names a daily limit (OpenRouter's `free-models-per-day`, Google's `...PerDay...` quota ids,
+# "RPD"): nothing will get through before tomorrow.
+DAILY_LIMIT = re.compile(r"per[-_ ]?day|daily|\bRPD\b", re.IGNORECASE)
+DAILY_RESET_S = 15 * 60.0  # no requests left and the window resets later than this (or is past): a cap
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -59,14 +84,49 @@ def classify_data(
     status: int, headers: dict[str, str], data: Any, text: str = "", now: datetime | None = None
 ) -> list[str] | ItemError:
     """As `classify`, for a body already parsed (`data` is None when it was not JSON)."""
-    retry_after = parse_retry_after(headers.get("retry-after"), now or datetime.now(UTC))
+    now = now or datetime.now(UTC)
+    retry_after = parse_retry_after(headers.get("retry-after"), now)
     error = _error_object(data)
     if error is not None:
-        return _from_error(status, error, retry_after)
+        outcome = _from_error(status, error, retry_after)
+        return daily_cap(outcome, {**headers, **_quoted_headers(error)}, str(error), now)
     if status >= 300 or data is None:
-        return _from_status(status, describe_body(status, text), retry_after)
+        return daily_cap(_from_status(status, describe_body(status, text), retry_after), headers, text, now)
     images = extract_images(data)
     return images or no_image(data)
+
+
+def daily_cap(outcome: ItemError, headers: dict[str, str], text: str, now: datetime) -> ItemError:
+    """A 429 that is a daily cap becomes a quota error (the provider is done for the run); any other
+    outcome is returned as it is. A cap: the reply names a daily limit, or says no request is left
+    with the window's reset more than 15 minutes away or already past."""
+    if outcome.kind != "rate_limited":
+        return outcome
+    remaining = headers.get("x-ratelimit-remaining", "").strip()
+    reset = parse_reset(headers.get("x-ratelimit-reset"), now)
+    spent = remaining == "0" and reset is not None and (reset > DAILY_RESET_S or reset <= 0)
+    if DAILY_LIMIT.search(text) or spent:
+        return FatalError(f"daily limit reached: {outcome.message}", kind="quota")
+    return outcome
+
+
+def parse_reset(value: str | None, now: datetime) -> float | None:
+    """`X-RateLimit-Reset` as seconds from now (negative: already past): a Unix time in milliseconds
+    (OpenRouter) or seconds, or seconds to wait."""
+    try:
+        number = float(value or "")
+    except ValueError:
+        return None
+    if number > 1e11:
+        number /= 1000.0
+    return number - now.timestamp() if number > 1e9 else number
+
+
+def _quoted_headers(error: dict[str, Any]) -> dict[str, str]:
+    """Rate-limit headers a relay quotes inside the error (OpenRouter's `metadata.headers`)."""
+    metadata = error.get("metadata")
+    quoted = metadata.get("headers") if isinstance(metadata, dict) else None
+    return {str(k).lower(): str(v) for k, v in quoted.items()} if isinstance(quoted, dict) else {}
 
 
 def parse_json(text: str) -> Any:

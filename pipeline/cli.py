@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import signal
 import sys
 import time
@@ -14,23 +13,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
 from tqdm import tqdm
 
-from pipeline.batch import BatchRunner
 from pipeline.cluster import run_on_ray
-from pipeline.errors import ManifestError, OutputLockedError
+from pipeline.core import RunCore, output_identity
+from pipeline.errors import ExitCode, ManifestError, OutputLockedError
+from pipeline.events import Event, EventKind
 from pipeline.export import export_webdataset
-from pipeline.manifest import Manifest, ProviderSpec, json_schema, load_manifest
+from pipeline.locations import is_postgres
+from pipeline.manifest import Keys, Manifest, json_schema, load_manifest
 from pipeline.plan import TYPICAL_LATENCY_S, preferred_price, preview
+from pipeline.recorder import STORAGE_ERRORS
 from pipeline.report import write_report
-from pipeline.runner import STORAGE_ERRORS, Endpoint, Event, Runner, RunOptions, Summary, output_identity
-from pipeline.secret import Secret
-from pipeline.simulator import SimConfig, Simulator
-from pipeline.state import State, check_state_url, is_postgres, open_state
-from pipeline.storage import Store, credentials_in, is_local, open_store
+from pipeline.run import RunPlan, RunRequest, execute, state_url_of, storage_options
+from pipeline.state import State, open_state
+from pipeline.storage import Store, is_local, open_store
+from pipeline.summary import Summary
 
-EXIT_USAGE, EXIT_STORAGE, EXIT_LOCKED = 2, 74, 75
 PROGRESS_UNKNOWN: tuple[type[Exception], ...] = (ManifestError, *STORAGE_ERRORS)
 LOG_EVERY_S = 5.0
 
@@ -42,13 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except OutputLockedError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
+        return ExitCode.TEMPORARY
     except STORAGE_ERRORS as exc:  # the state or the output cannot be reached
         print(f"pipeline: cannot use the state or the output: {exc}", file=sys.stderr)
-        return EXIT_STORAGE
+        return ExitCode.STORAGE
     except KeyboardInterrupt:  # before a run took over the signals: nothing was started
         print("pipeline: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -145,35 +144,15 @@ def _where_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _storage_options(manifest: Manifest | None, pairs: list[str]) -> dict[str, Any]:
-    """The manifest's storage_options, and --storage-option KEY=VALUE over them (VALUE read as YAML)."""
-    options = dict(manifest.storage_options) if manifest else {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ManifestError([f"--storage-option {pair}: expected KEY=VALUE"])
-        if credentials_in({key: None}):
-            raise ManifestError([f"--storage-option {key}: credentials come from the environment, not the"
-                                 " command line (where other users' `ps` sees them)"])  # fmt: skip
-        options[key] = yaml.safe_load(value) if value else ""
-    return options
-
-
-def _state_url(args: argparse.Namespace, manifest: Manifest | None) -> str | None:
-    url: str | None = args.state or (manifest.state if manifest else None)
-    problem = check_state_url(url) if url else None
-    if problem:
-        raise ManifestError([f"--state: {problem}"])
-    return url
-
-
 def _open_target(args: argparse.Namespace) -> tuple[Store, State]:
     """The output (given as itself, or as the manifest that names it) and its state, to read."""
     target = Path(args.target)
     manifest = load_manifest(target) if is_local(args.target) and target.is_file() else None
     url = manifest.output_url(target) if manifest else args.target.rstrip("/") or args.target
-    store = open_store(url, _storage_options(manifest, args.storage_option))
-    return store, open_state(_state_url(args, manifest), output_identity(store), store.local, readonly=True)
+    store = open_store(url, storage_options(manifest, args.storage_option))
+    return store, open_state(
+        state_url_of(args.state, manifest), output_identity(store), store.local, readonly=True
+    )
 
 
 def _positive(text: str) -> int:
@@ -190,9 +169,9 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _load(path: Path, quiet: bool = False) -> Manifest:
+def _load(path: Path, quiet: bool = False, keys: Keys | None = None) -> Manifest:
     """The manifest, its warnings shown on stderr (unless quiet)."""
-    manifest = load_manifest(path)
+    manifest = load_manifest(path, keys)
     for warning in [] if quiet else manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return manifest
@@ -205,37 +184,50 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    manifest = _load(args.manifest, quiet=args.quiet or args.log_format == "json")
-    if args.concurrency:
-        manifest = manifest.model_copy(update={"concurrency": args.concurrency})
-    url = args.output.rstrip("/") if args.output else manifest.output_url(args.manifest)
-    state_url = _state_url(args, manifest)
-    if is_postgres(state_url) and _mode(manifest, args) == "batch":
-        raise ManifestError([f"{args.manifest}: batch mode runs as one worker on a SQLite state, for now"])
-    spool = f"{os.getpid()}-{secrets.token_hex(4)}" if is_postgres(state_url) else ""  # one per worker
-    output = open_store(url, _storage_options(manifest, args.storage_option), spool)
+    keys = not (args.dry_run or args.simulate or args.ray is not None)  # a run that sends them
+    checked = Keys(os.environ, tuple(args.provider or ()), args.mode) if keys else None
+    manifest = _load(args.manifest, quiet=args.quiet or args.log_format == "json", keys=checked)
+    request = RunRequest(
+        output=args.output,
+        state=args.state,
+        storage_options=tuple(args.storage_option),
+        concurrency=args.concurrency,
+        providers=tuple(args.provider or ()),
+        mode=args.mode,
+        submit_only=args.submit_only,
+        retry_failed=args.retry_failed,
+        max_requests=args.max_requests,
+        max_duration_s=args.max_duration,
+        grace_s=args.grace_s,
+        simulate=args.simulate,
+        sim_latency_s=args.sim_latency,
+    )
+    plan = RunPlan.resolve(args.manifest, manifest, request, keys=keys)
     if args.dry_run:
-        return _dry_run(args, manifest, output, state_url)
+        return _dry_run(args, plan)
     if args.ray is not None:
-        return _run_on_ray(args, manifest, output, state_url)
-    if args.simulate:
-        return asyncio.run(_run_simulated(args, manifest, output))
-    endpoints = _endpoints(args.manifest, manifest, _selected(manifest, args))
-    return asyncio.run(_run_with(args, manifest, output, RunOptions(endpoints, **_budget(args, manifest))))
+        return _run_on_ray(args, plan)
+    return asyncio.run(_run_with(args, plan))
 
 
-def _run_on_ray(args: argparse.Namespace, manifest: Manifest, output: Store, state_url: str | None) -> int:
+def _run_on_ray(args: argparse.Namespace, plan: RunPlan) -> int:
     """`--ray`: the same run as `--workers` tasks on a Ray cluster, one bar and one exit code."""
+    state_url, output = plan.state_url, plan.store
     if not is_postgres(state_url) and args.workers > 1:
-        raise ManifestError([
-            f"--workers {args.workers}: a SQLite state is one worker's: use --state postgresql://..."
-        ])  # fmt: skip
-    bar = _RayProgress(manifest.total_items, state_url, output, args.quiet or args.log_format == "json")
+        raise ManifestError(
+            [f"--workers {args.workers}: a SQLite state is one worker's: use --state postgresql://..."]
+        )
+    quiet = args.quiet or args.log_format == "json"
+    bar = _RayProgress(plan.manifest.total_items, state_url, output, quiet)
     try:
         code = run_on_ray(
-            args.ray or None, args.workers, _worker_argv(args, output, state_url),
-            is_postgres(state_url) and output.local is None, bar.update, bar.failed,
-        )  # fmt: skip
+            args.ray or None,
+            args.workers,
+            plan.worker_argv(),
+            is_postgres(state_url) and output.local is None,
+            bar.update,
+            bar.failed,
+        )
     finally:
         bar.close()
     if args.log_format == "json":
@@ -243,27 +235,6 @@ def _run_on_ray(args: argparse.Namespace, manifest: Manifest, output: Store, sta
     else:
         print(f"{args.workers} worker(s) on Ray: exit {code}", file=sys.stderr if code else sys.stdout)
     return code
-
-
-def _worker_argv(args: argparse.Namespace, output: Store, state_url: str | None) -> list[str]:
-    """The `pipeline run` of one worker: this run's options, paths made absolute (a task's working
-    directory is Ray's)."""
-    argv = ["run", str(args.manifest.resolve()), "--quiet", "--output", str(output.local.resolve())
-            if output.local is not None else output.url]  # fmt: skip
-    if state_url:
-        argv += ["--state", state_url if is_postgres(state_url) else str(Path(state_url).resolve())]
-    for pair in args.storage_option:
-        argv += ["--storage-option", pair]
-    flags = {"--concurrency": args.concurrency, "--max-requests": args.max_requests,
-             "--max-duration": args.max_duration, "--grace-s": args.grace_s, "--mode": args.mode,
-             "--sim-latency": args.sim_latency if args.simulate else None}  # fmt: skip
-    for flag, value in flags.items():
-        argv += [flag, str(value)] if value is not None else []
-    argv += [f"--provider={name}" for name in args.provider or []]
-    argv += [
-        flag for flag, on in (("--retry-failed", args.retry_failed), ("--simulate", args.simulate)) if on
-    ]
-    return argv
 
 
 class _RayProgress:
@@ -282,8 +253,9 @@ class _RayProgress:
             return
         self._last = time.monotonic()
         try:
-            with open_state(self._state_url, output_identity(self._output), self._output.local,
-                            readonly=True) as state:  # fmt: skip
+            with open_state(
+                self._state_url, output_identity(self._output), self._output.local, readonly=True
+            ) as state:
                 counts = state.counts()
         except PROGRESS_UNKNOWN:
             return  # no state yet (the first worker is starting), or not reachable now: next time
@@ -304,23 +276,6 @@ class _RayProgress:
             self._bar.close()
 
 
-def _selected(manifest: Manifest, args: argparse.Namespace) -> list[str]:
-    """The providers this run uses: those named by --provider, of the run's mode (batch when the pool
-    has a batch provider, unless --mode online)."""
-    chosen = [spec for _, spec in _chosen(manifest, args.provider)]
-    mode = _mode(manifest, args)
-    names = [spec.name for spec in chosen if spec.mode == mode]
-    if not names:
-        raise ManifestError([f"{args.manifest}: no {mode} provider to use (see providers[].mode and --mode)"])
-    return names
-
-
-def _mode(manifest: Manifest, args: argparse.Namespace) -> str:
-    if args.mode:
-        return str(args.mode)
-    return "batch" if any(spec.mode == "batch" for spec in manifest.pool()) else "online"
-
-
 PLAN_NOTES = {
     "new": "to generate",
     "changed": "prompt, aspect ratio or model edited: regenerate",
@@ -332,33 +287,35 @@ PLAN_NOTES = {
 }
 
 
-def _dry_run(args: argparse.Namespace, manifest: Manifest, output: Store, state_url: str | None) -> int:
-    mode = _mode(manifest, args)
+def _dry_run(args: argparse.Namespace, plan: RunPlan) -> int:
+    manifest, output, mode = plan.manifest, plan.store, plan.mode
     try:
-        state: State | None = open_state(state_url, output_identity(output), output.local, readonly=True)
+        state: State | None = open_state(plan.state_url, output_identity(output), output.local, readonly=True)
     except ManifestError:
         state = None  # it never ran
-    plan = preview(manifest, output, state, args.retry_failed, mode)
+    counted = preview(manifest, output, state, args.retry_failed, mode)
     if args.log_format == "json":
-        print(json.dumps({"event": "plan", "output": output.url, **plan.as_dict()}))
+        print(json.dumps({"event": "plan", "output": output.url, **counted.as_dict()}))
         return 0
     print(f"plan for {args.manifest} -> {output.url} (nothing is sent)")
-    print(f"  {'items':<9}{plan.items:>9}")
+    print(f"  {'items':<9}{counted.items:>9}")
     for label, note in PLAN_NOTES.items():
-        print(f"  {label:<9}{plan.steps[label]:>9}  {note}".rstrip())
-    print(f"  {'orphaned':<9}{plan.orphaned:>9}  in the output, no longer in the manifest (kept)")
+        print(f"  {label:<9}{counted.steps[label]:>9}  {note}".rstrip())
+    print(f"  {'orphaned':<9}{counted.orphaned:>9}  in the output, no longer in the manifest (kept)")
     price = preferred_price(manifest, mode)
     price_text = (
         f"${price}/image" if price is not None else "list prices" + (" less half" if mode == "batch" else "")
     )
     print(
-        f"paid requests <= {plan.paid_requests}, about ${plan.cost:,.2f}"
-        f" at {price_text}, about {_duration(plan.duration_s)}"
+        f"paid requests <= {counted.paid_requests}, about ${counted.cost:,.2f}"
+        f" at {price_text}, about {_duration(counted.duration_s)}"
         f" at concurrency {manifest.generation_limit} and {TYPICAL_LATENCY_S:.0f} s per image"
     )
-    if plan.jobs is not None:
-        print(f"batch mode: {plan.jobs} new job(s) of up to {manifest.batch.max_requests} items;"
-              f" {plan.steps['in_batch']} items in submitted jobs (24 h target turnaround)")  # fmt: skip
+    if counted.jobs is not None:
+        print(
+            f"batch mode: {counted.jobs} new job(s) of up to {manifest.batch.max_requests} items;"
+            f" {counted.steps['in_batch']} items in submitted jobs (24 h target turnaround)"
+        )
     return 0
 
 
@@ -375,19 +332,33 @@ def _status(args: argparse.Namespace) -> int:
     output = store.url
     providers = ((last or {}).get("summary") or {}).get("providers") or {}
     if args.json:
-        print(json.dumps({"output": output, **counts, "providers": providers, "batches": jobs,
-                          "last_run": last, "workers": workers}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "output": output,
+                    **counts,
+                    "providers": providers,
+                    "batches": jobs,
+                    "last_run": last,
+                    "workers": workers,
+                }
+            )
+        )
         return 0
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["failed_by_reason"].items()))
     print(f"{output}: {counts['items']} items recorded")
     pending = f", not started {counts['pending']}" if counts["pending"] else ""
-    print(f"  done {counts['done']}, failed {counts['failed']}{f' ({reasons})' if reasons else ''},"
-          f" in progress {counts['in_progress']}{pending}")  # fmt: skip
+    print(
+        f"  done {counts['done']}, failed {counts['failed']}{f' ({reasons})' if reasons else ''},"
+        f" in progress {counts['in_progress']}{pending}"
+    )
     if workers or state.shared:
         print(f"live workers: {len(workers)}")
     for worker in workers:
-        print(f"  {worker['worker']}: up {_duration(worker['age_s'])}, {worker['leases']} items leased,"
-              f" last heartbeat {worker['heartbeat_s']} s ago")  # fmt: skip
+        print(
+            f"  {worker['worker']}: up {_duration(worker['age_s'])}, {worker['leases']} items leased,"
+            f" last heartbeat {worker['heartbeat_s']} s ago"
+        )
     if last:
         ended = (
             f"ended {last['ended_at']}, exit {last['exit_code']}"
@@ -399,16 +370,18 @@ def _status(args: argparse.Namespace) -> int:
         if "requests" in figures:
             print(format_provider(name, figures))
     for job in jobs:
-        print(f"batch {job['display_name']} ({job['name'] or 'not created yet'}): {job['stage']}"
-              f" ({job['remote_state'] or '-'}), {job['items']} items, {job['done']} done,"
-              f" {job['failed']} failed, {_duration(job['age_s'])} old")  # fmt: skip
+        print(
+            f"batch {job['display_name']} ({job['name'] or 'not created yet'}): {job['stage']}"
+            f" ({job['remote_state'] or '-'}), {job['items']} items, {job['done']} done,"
+            f" {job['failed']} failed, {_duration(job['age_s'])} old"
+        )
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     store, state = _open_target(args)
     target, prefix = (
-        (open_store(args.to, _storage_options(None, args.storage_option)), "")
+        (open_store(args.to, storage_options(None, args.storage_option)), "")
         if args.to
         else (store, "webdataset/")
     )
@@ -417,92 +390,32 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _endpoints(source: Path, manifest: Manifest, chosen: list[str] | None) -> list[Endpoint]:
-    """The providers to use, each with its base URL and key from the manifest and the environment,
-    or every problem at once."""
-    problems, endpoints = [], []
-    for i, spec in _chosen(manifest, chosen):
-        place = "api" if not manifest.providers else f"providers[{i}]"
-        base_url = spec.default_base_url or os.environ.get("IMAGE_API_BASE_URL", "")
-        if not base_url:
-            problems.append(f"{source}: {place}.base_url: not set, and IMAGE_API_BASE_URL is empty")
-        key = os.environ.get(spec.key_env, "")
-        if not key:
-            problems.append(
-                f"{source}: {place}.api_key_env: environment variable {spec.key_env} is not set"
-                " (or use --simulate)"
-            )
-        endpoints.append(Endpoint(spec, base_url.rstrip("/"), Secret(key)))
-    if problems:
-        raise ManifestError(problems)
-    return endpoints
-
-
-def _chosen(manifest: Manifest, chosen: list[str] | None) -> list[tuple[int, ProviderSpec]]:
-    """The providers `--provider` names (all when it is not given)."""
-    pool = list(enumerate(manifest.pool()))
-    if not chosen:
-        return pool
-    names = [spec.name for _, spec in pool]
-    unknown = [name for name in chosen if name not in names]
-    if unknown:
-        raise ManifestError(
-            [f"--provider {name}: no such provider (the manifest has {', '.join(names)})" for name in unknown]
-        )
-    return [(i, spec) for i, spec in pool if spec.name in chosen]
-
-
-def _budget(args: argparse.Namespace, manifest: Manifest) -> dict[str, Any]:
-    return {
-        "retry_failed": args.retry_failed,
-        "max_requests": args.max_requests or manifest.max_requests,
-        "max_duration_s": args.max_duration,
-        "grace_s": args.grace_s,
-        "state_url": _state_url(args, manifest),
-    }
-
-
-async def _run_simulated(args: argparse.Namespace, manifest: Manifest, output: Store) -> int:
-    key = f"sim-{secrets.token_hex(8)}"
-    simulator = Simulator(SimConfig(key=key, latency_s=args.sim_latency, jitter_s=args.sim_latency / 2))
-    await simulator.start()
-    try:
-        names = _selected(manifest, args)
-        endpoints = [
-            Endpoint(spec, simulator.origin if spec.protocol == "gemini" else simulator.base_url, Secret(key))
-            for _, spec in _chosen(manifest, names)
-        ]
-        return await _run_with(args, manifest, output, RunOptions(endpoints, **_budget(args, manifest)))
-    finally:
-        await simulator.stop()
-
-
-async def _run_with(args: argparse.Namespace, manifest: Manifest, output: Store, options: RunOptions) -> int:
+async def _run_with(args: argparse.Namespace, plan: RunPlan) -> int:
     display = _Display(args.quiet, args.log_format, sys.stdout)
-    runner: Runner | BatchRunner
-    if _mode(manifest, args) == "batch":
-        runner = BatchRunner(manifest, output, options, display.event, submit_only=args.submit_only)
-    else:
-        runner = Runner(manifest, output, options, display.event)
     loop = asyncio.get_running_loop()
-    for signum, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
-        loop.add_signal_handler(signum, _on_signal(runner, display, name, signum))
-    display.start(runner.summary, output.url)
-    ticker = asyncio.create_task(display.tick(runner.summary))
+    ticker: list[asyncio.Task[None]] = []
+
+    def started(core: RunCore) -> None:
+        for signum, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+            loop.add_signal_handler(signum, _on_signal(core, display, name, signum))
+        display.start(core.summary, plan.store.url)
+        ticker.append(asyncio.create_task(display.tick(core.summary)))
+
     try:
-        summary = await runner.run()
+        summary = await execute(plan, display.event, started)
     finally:
-        ticker.cancel()
+        for task in ticker:
+            task.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-    display.finish(summary, output.url)
+    display.finish(summary, plan.store.url)
     return summary.exit_code
 
 
-def _on_signal(runner: Runner | BatchRunner, display: _Display, name: str, signum: int) -> Callable[[], None]:
+def _on_signal(core: RunCore, display: _Display, name: str, signum: int) -> Callable[[], None]:
     def handle() -> None:
         display.note(f"{name}: finishing in-flight work (again to stop at once)")
-        runner.interrupt(signum)
+        core.interrupt(signum)
 
     return handle
 
@@ -526,19 +439,33 @@ class _Display:
             self._bar = tqdm(total=summary.total, unit="img", dynamic_ncols=True, file=self._out)
 
     def event(self, event: Event) -> None:
-        if event.kind.startswith("provider_"):
-            what = "disabled for the rest of the run" if event.kind == "provider_disabled" else "down"
-            self._emit(event.kind, f"warning: provider {event.provider} {what}: {event.message}", always=True,
-                       err=True, provider=event.provider, message=event.message)  # fmt: skip
-        elif event.kind.startswith("batch_"):
-            warning = event.kind == "batch_warning"
-            text = f"batch {event.kind.removeprefix('batch_')}: {event.message}"
-            self._emit(event.kind, text, always=warning, err=warning, provider=event.provider,
-                       message=event.message)  # fmt: skip
-        elif event.kind in ("failed", "warning"):
-            self._emit(f"item_{event.kind}", f"{event.kind}: {event.item}: {event.message}", err=True,
-                       always=event.kind == "failed", item=event.item, message=event.message)  # fmt: skip
-        elif event.kind == "done" and self._json:
+        kind = event.kind
+        if kind.about_provider:
+            what = "disabled for the rest of the run" if kind is EventKind.PROVIDER_DISABLED else "down"
+            self._emit(
+                kind,
+                f"warning: provider {event.provider} {what}: {event.message}",
+                always=True,
+                err=True,
+                provider=event.provider,
+                message=event.message,
+            )
+        elif kind.about_batch:
+            warning = kind is EventKind.BATCH_WARNING
+            text = f"batch {kind.removeprefix('batch_')}: {event.message}"
+            self._emit(
+                kind, text, always=warning, err=warning, provider=event.provider, message=event.message
+            )
+        elif kind in (EventKind.FAILED, EventKind.WARNING):
+            self._emit(
+                f"item_{kind}",
+                f"{kind}: {event.item}: {event.message}",
+                err=True,
+                always=kind is EventKind.FAILED,
+                item=event.item,
+                message=event.message,
+            )
+        elif kind is EventKind.DONE and self._json:
             self._emit("item_done", "", item=event.item, file=event.message, provider=event.provider or None)
 
     def note(self, text: str) -> None:
@@ -556,9 +483,13 @@ class _Display:
             elif time.monotonic() - self._last_log >= LOG_EVERY_S:
                 self._last_log = time.monotonic()
                 finished = summary.done + summary.skipped
-                self._emit("progress", f"progress: {finished}/{summary.total} done, "
-                           f"{sum(summary.failed.values())} failed, {summary.requests} requests",
-                           done=finished, total=summary.total)  # fmt: skip
+                self._emit(
+                    "progress",
+                    f"progress: {finished}/{summary.total} done, "
+                    f"{sum(summary.failed.values())} failed, {summary.requests} requests",
+                    done=finished,
+                    total=summary.total,
+                )
 
     def finish(self, summary: Summary, output: str) -> None:
         if self._bar is not None:
@@ -574,8 +505,11 @@ class _Display:
         if self._quiet and not always:
             return
         if self._json:
-            print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, ensure_ascii=False),
-                  file=self._out, flush=True)  # fmt: skip
+            print(
+                json.dumps({"event": event, "time": round(time.time(), 3), **fields}, ensure_ascii=False),
+                file=self._out,
+                flush=True,
+            )
         elif text and (always or not self._quiet):
             if self._bar is not None:
                 self._bar.write(text, file=self._out)
@@ -603,11 +537,14 @@ def format_summary(summary: Summary, output: str) -> str:
     for name, p in summary.providers.items():
         if "batch_jobs" in p:
             jobs = ", ".join(f"{k} {v}" for k, v in p["batch_jobs"].items())
-            lines.insert(-1, f"  {name}: batch jobs {jobs}")
+            read = f"; results read in {p['collect_s']:.1f} s" if p.get("collect_s") else ""
+            lines.insert(-1, f"  {name}: batch jobs {jobs}{read}")
     if summary.storage:
         lines.insert(0, f"stopped: cannot write the output: {summary.storage}")
+    elif summary.outage:
+        lines.insert(0, f"stopped: every provider is down: {summary.outage}; rerun the same command later")
     elif summary.fatal:
-        lines.insert(0, f"stopped: fatal provider error: {summary.fatal}")
+        lines.insert(0, f"stopped: fatal provider error: {summary.fatal}; fix it and rerun the same command")
     elif summary.stopped:
         lines.insert(0, f"stopped early: {summary.stopped}; rerun the same command to finish")
     return "\n".join(lines)
@@ -635,14 +572,23 @@ def _simulator_key(flag: str | None) -> tuple[str, str]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from pipeline.simulator import SimConfig, Simulator  # only this command serves it
+
     rates = {k: v for k, v in vars(args).items() if k.startswith("rate_")}
     key, said = _simulator_key(args.key)
     config = SimConfig(
-        key=key, latency_s=args.latency, jitter_s=args.jitter, seed=args.seed,
-        image_scale=args.image_scale, distinct_images=args.distinct_images,
-        max_in_flight=args.max_in_flight, quota=args.quota, quota_window_s=args.quota_window,
-        rate_limit_headers=args.headers, **rates,
-    )  # fmt: skip
+        key=key,
+        latency_s=args.latency,
+        jitter_s=args.jitter,
+        seed=args.seed,
+        image_scale=args.image_scale,
+        distinct_images=args.distinct_images,
+        max_in_flight=args.max_in_flight,
+        quota=args.quota,
+        quota_window_s=args.quota_window,
+        rate_limit_headers=args.headers,
+        **rates,
+    )
 
     async def serve() -> None:
         simulator = Simulator(config)

@@ -19,11 +19,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.errors import ManifestError
+from pipeline.errors import ExitCode, ManifestError
 
 POLL_S = 0.5
-# Worse first: a signal, storage, locked, fatal, usage, failed items.
-SEVERITY = (74, 75, 3, 2, 1)
+# Worse first (after a signal): storage, temporary (locked, providers down), fatal, usage, failed items.
+SEVERITY = (ExitCode.STORAGE, ExitCode.TEMPORARY, ExitCode.FATAL, ExitCode.USAGE, ExitCode.FAILED)
 
 
 def combined_exit(codes: Sequence[int]) -> int:
@@ -62,10 +62,12 @@ def run_on_ray(
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
         if len(nodes) > 1 and not shared:
-            raise ManifestError([
-                f"--ray: the cluster has {len(nodes)} nodes, and a SQLite state or a local output folder"
-                " is one machine's: use --state postgresql://... and an object-store --output"
-            ])  # fmt: skip
+            raise ManifestError(
+                [
+                    f"--ray: the cluster has {len(nodes)} nodes, and a SQLite state or a local output folder"
+                    " is one machine's: use --state postgresql://... and an object-store --output"
+                ]
+            )
         task = ray.remote(num_cpus=0.1, max_retries=3, scheduling_strategy="SPREAD")(_worker)
         pending = [task.remote(argv) for _ in range(workers)]
         codes: list[int] = []
@@ -85,7 +87,10 @@ def _worker(argv: list[str]) -> tuple[int, str]:
     """One worker, in a Ray task: `pipeline <argv>` in a subprocess; its exit code and what it said
     last on stderr."""
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", *argv], check=False, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "pipeline", *argv],
+        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return done.returncode, done.stderr[-2000:]

@@ -12,7 +12,7 @@ import itertools
 import re
 import sqlite3
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -29,12 +29,11 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.download import file_digest, inspect_image
 from pipeline.errors import ManifestError
+from pipeline.item import Item, item_fingerprint
+from pipeline.locations import check_state_url, credentials_in, is_local, local_path
 from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE, IMAGE_SIZES, MODELS, SEED
 from pipeline.sources import SourceRow, decode_text, read_rows
-from pipeline.state import check_state_url
-from pipeline.storage import credentials_in, is_local, local_path
 
 AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
@@ -110,6 +109,9 @@ class BatchSettings(_Strict):
     max_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # items per job
     poll_interval_s: Annotated[float, Field(gt=0)] = 30.0  # the first poll; backs off to 5 minutes
     max_wait_s: Annotated[float, Field(gt=0)] = 86_400.0  # stop waiting (jobs stay recorded)
+    workers: Annotated[int, Field(ge=1, le=256)] | None = (
+        None  # processes decoding results; default: one a core
+    )
 
 
 class Defaults(_Strict):
@@ -193,6 +195,7 @@ class Manifest(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None  # default: 8, or the providers' sum
     download_concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    max_outage_s: Annotated[float, Field(gt=0)] = 600.0  # a provider with no success this long is down
     backoff_base_s: Annotated[float, Field(gt=0)] = 1.0
     backoff_cap_s: Annotated[float, Field(gt=0)] = 60.0
     url_ttl_s: Annotated[float, Field(gt=0)] = 3600.0
@@ -246,8 +249,10 @@ class Manifest(_Strict):
     def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
         found = credentials_in(value)
         if found:
-            raise ValueError(f"{', '.join(found)}: credentials come from the environment (or the store's"
-                             " own config files and roles), not the manifest")  # fmt: skip
+            raise ValueError(
+                f"{', '.join(found)}: credentials come from the environment (or the store's"
+                " own config files and roles), not the manifest"
+            )
         return value
 
     def output_url(self, source: Path) -> str:
@@ -288,46 +293,18 @@ class Manifest(_Strict):
         api = self.api
         return [
             ProviderSpec(
-                name="default", base_url=api.base_url, api_key_env=api.api_key_env, model=api.model,
-                concurrency=min(self.generation_limit, 1024), timeout_s=api.timeout_s,
-                connect_timeout_s=api.connect_timeout_s, stream=api.stream,
-                price_per_image=self.price_per_image, requests_per_minute=self.requests_per_minute,
+                name="default",
+                base_url=api.base_url,
+                api_key_env=api.api_key_env,
+                model=api.model,
+                concurrency=min(self.generation_limit, 1024),
+                timeout_s=api.timeout_s,
+                connect_timeout_s=api.connect_timeout_s,
+                stream=api.stream,
+                price_per_image=self.price_per_image,
+                requests_per_minute=self.requests_per_minute,
             )
-        ]  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One image to make: the `index`-th image of job `id`. The fingerprint covers everything
-    that changes the image: a new fingerprint means a new image."""
-
-    id: str
-    index: int
-    prompt: str
-    aspect_ratio: str | None  # None: an edit that keeps its input image's size
-    model: str
-    fingerprint: str
-    images: tuple[str, ...] = ()  # reference images: absolute file paths or http(s) URLs
-    image_size: str | None = None  # 1K, 2K or 4K for models that take one; None: the model's default
-
-    @property
-    def name(self) -> str:
-        return f"{self.id}_{self.index}"
-
-
-def item_fingerprint(
-    prompt: str,
-    aspect_ratio: str | None,
-    model: str,
-    inputs: tuple[str, ...] = (),
-    image_size: str | None = None,
-) -> str:
-    """`inputs`: what identifies each reference image (a file's sha256, or its URL). An image size is
-    added only when set, so items from before image sizes existed keep their fingerprints."""
-    text = "\x1f".join((model, aspect_ratio or "", prompt, *inputs))
-    if image_size:
-        text += f"\x1fimage_size={image_size}"
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+        ]
 
 
 def derive_id(prompt: str) -> str:
@@ -403,8 +380,19 @@ def json_schema() -> dict[str, Any]:
     }
 
 
-def load_manifest(path: Path) -> Manifest:
-    """Read, parse and validate a manifest, or raise ManifestError listing every problem."""
+@dataclass(frozen=True)
+class Keys:
+    """Check that the providers a run will use have their key in the environment: those named (all
+    when none is), of the run's mode (default: batch when any provider is a batch one)."""
+
+    environ: Mapping[str, str]
+    providers: tuple[str, ...] = ()
+    mode: str | None = None
+
+
+def load_manifest(path: Path, keys: Keys | None = None) -> Manifest:
+    """Read, parse and validate a manifest, or raise ManifestError listing every problem (with `keys`,
+    the providers' keys missing from the environment too)."""
     try:
         raw = path.read_bytes()
     except IsADirectoryError:
@@ -427,7 +415,8 @@ def load_manifest(path: Path) -> Manifest:
         problems = [_problem(path, lines, _loc(e["loc"]), _describe(e)) for e in exc.errors()]
         manifest = _salvage(data)
     manifest._base = path.parent
-    problems += _check_providers(manifest, data, path, lines)
+    problems += _check_providers(data, path, lines)
+    problems += _check_keys(data, path, lines, keys) if keys else []
     problems += _check_model(manifest, path, lines)
     problems += _check_files(manifest, path, lines)
     if len(problems) < MAX_PROBLEMS:
@@ -450,28 +439,63 @@ def _salvage(data: dict[str, Any]) -> Manifest:
     for name, model in (("defaults", Defaults), ("api", Api)):
         with contextlib.suppress(ValidationError):
             fields[name] = model.model_validate(data.get(name, {}))
+    providers = []
+    for raw in _raw_providers(data):
+        with contextlib.suppress(ValidationError):
+            providers.append(ProviderSpec.model_validate(raw))
+    fields["providers"] = providers or None
     manifest = Manifest.model_construct(**fields)
     manifest._places = places
     return manifest
 
 
-def _check_providers(
-    manifest: Manifest, data: dict[str, Any], path: Path, lines: dict[str, int]
-) -> list[str]:
+def _check_providers(data: dict[str, Any], path: Path, lines: dict[str, int]) -> list[str]:
     """`api:` or `providers:`, not both; provider names unique; `stream` only where it means something."""
     problems = []
     if "api" in data and "providers" in data:
         problems.append(_problem(path, lines, "providers", "a manifest has `api:` or `providers:`, not both"))
     seen: dict[str, int] = {}
-    for i, provider in enumerate(manifest.providers or []):
-        if provider.name in seen:
-            text = f'"{provider.name}" is also the name of providers[{seen[provider.name]}]'
+    for i, raw in enumerate(_raw_providers(data)):
+        name = raw.get("name")
+        if isinstance(name, str) and name in seen:
+            text = f'"{name}" is also the name of providers[{seen[name]}]'
             problems.append(_problem(path, lines, f"providers[{i}].name", text))
-        seen.setdefault(provider.name, i)
+        if isinstance(name, str):
+            seen.setdefault(name, i)
+    for i, raw in enumerate(_raw_providers(data)):
+        try:
+            provider = ProviderSpec.model_validate(raw)
+        except ValidationError:
+            continue  # reported with the fields
         if provider.stream and provider.protocol != "openai-chat":
             problems.append(_problem(path, lines, f"providers[{i}].stream", "only for protocol openai-chat"))
         if provider.mode == "batch" and provider.protocol != "gemini":
             problems.append(_problem(path, lines, f"providers[{i}].mode", "batch needs protocol gemini"))
+    return problems
+
+
+def _raw_providers(data: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = data.get("providers")
+    return [p for p in raw if isinstance(p, dict)] if isinstance(raw, list) else []
+
+
+def _check_keys(data: dict[str, Any], path: Path, lines: dict[str, int], keys: Keys) -> list[str]:
+    """The key variables, of the providers the run will use, that are not set (read as written, so
+    that a provider with other problems is checked too)."""
+    raw_api = data.get("api")
+    api = raw_api if isinstance(raw_api, dict) else {}
+    providers = _raw_providers(data)
+    places = [(f"providers[{i}]", raw) for i, raw in enumerate(providers)] if "providers" in data else []
+    places = places or [("api", {"name": "default", "api_key_env": api.get("api_key_env")})]
+    mode = keys.mode or ("batch" if any(raw.get("mode") == "batch" for _, raw in places) else "online")
+    problems = []
+    for place, raw in places:
+        if (keys.providers and raw.get("name") not in keys.providers) or raw.get("mode", "online") != mode:
+            continue
+        variable = raw.get("api_key_env") or DEFAULT_KEY_ENV.get(str(raw.get("protocol")), "IMAGE_API_KEY")
+        if isinstance(variable, str) and not keys.environ.get(variable):
+            text = f"environment variable {variable} is not set (or use --simulate)"
+            problems.append(_problem(path, lines, f"{place}.api_key_env", text))
     return problems
 
 
@@ -548,6 +572,8 @@ def check_reference_image(path: Path) -> str:
     size = path.stat().st_size
     if size > MAX_REFERENCE_BYTES:
         raise ValueError(f"{size} bytes is over the {MAX_REFERENCE_BYTES} byte limit for a reference image")
+    from pipeline.imagefile import file_digest, inspect_image  # Pillow, only for manifests with images
+
     inspect_image(path)
     return file_digest(path)[0]
 

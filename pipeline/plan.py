@@ -16,7 +16,8 @@ from enum import Enum
 from typing import Any
 
 from pipeline.errors import PERMANENT_KINDS
-from pipeline.manifest import Item, Manifest, iter_items
+from pipeline.item import Item, Status
+from pipeline.manifest import Manifest, iter_items
 from pipeline.presets import list_price
 from pipeline.state import Row, State
 from pipeline.storage import Store
@@ -36,16 +37,16 @@ class Step(Enum):
 def decide(
     item: Item, row: Row | None, image_exists: bool, now: float, url_ttl_s: float, retry_failed: bool
 ) -> Step:
-    if row is None or row.status == "new":
+    if row is None or row.status == Status.NEW:
         return Step.GENERATE
     if row.image_fp == item.fingerprint and image_exists:
         return Step.DONE
     if row.fp != item.fingerprint:
         return Step.GENERATE
-    if row.status == "failed":
+    if row.status == Status.FAILED:
         permanent = row.error_type in PERMANENT_KINDS
         return Step.FAILED if permanent and not retry_failed else Step.GENERATE
-    if row.status == "url":
+    if row.status == Status.URL:
         fresh = row.url is not None and row.url_at is not None and now - row.url_at < url_ttl_s
         return Step.DOWNLOAD if fresh else Step.ADOPT
     return Step.GENERATE
@@ -93,11 +94,15 @@ class Preview:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "items": self.items, **{k: self.steps[k] for k in LABELS}, "orphaned": self.orphaned,
-            "paid_requests": self.paid_requests, "cost_usd": round(self.cost, 2),
-            "duration_s": round(self.duration_s), "concurrency": self.concurrency,
+            "items": self.items,
+            **{k: self.steps[k] for k in LABELS},
+            "orphaned": self.orphaned,
+            "paid_requests": self.paid_requests,
+            "cost_usd": round(self.cost, 2),
+            "duration_s": round(self.duration_s),
+            "concurrency": self.concurrency,
             **({} if self.jobs is None else {"batch_jobs": self.jobs, "in_batch": self.steps["in_batch"]}),
-        }  # fmt: skip
+        }
 
 
 LABELS = ("new", "changed", "done", "failed", "retry", "download", "resume")
@@ -145,7 +150,7 @@ def preferred_price(manifest: Manifest, mode: str = "online") -> float | None:
 
 def _label(item: Item, row: Row | None, step: Step) -> str:
     if step is Step.GENERATE:
-        if row is None or (row.status == "new" and row.fp == item.fingerprint):
+        if row is None or (row.status == Status.NEW and row.fp == item.fingerprint):
             return "new"
         return "changed" if row.fp != item.fingerprint else "retry"
     labels = {Step.DOWNLOAD: "download", Step.ADOPT: "resume"}

@@ -83,16 +83,54 @@ def postgres_server() -> Iterator[Postgres]:
         os.chown(pwfile, int(run_as["user"]), int(run_as["group"]))  # type: ignore[call-overload]
     data, port = folder / "data", free_port()
     subprocess.run(
-        [bindir / "initdb", "-D", data, "-U", PG_USER, "--pwfile", pwfile, "--auth-local=trust",
-         "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync", "--no-instructions"],
-        check=True, capture_output=True, cwd=folder, **run_as,  # type: ignore[arg-type]
-    )  # fmt: skip
+        [
+            bindir / "initdb",
+            "-D",
+            data,
+            "-U",
+            PG_USER,
+            "--pwfile",
+            pwfile,
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=folder,
+        **run_as,  # type: ignore[arg-type]
+    )
+    log = (folder / "log").open("wb")
     server = subprocess.Popen(
-        [bindir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", folder,
-         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-         "-c", "max_connections=200", "-c", "logging_collector=off"],
-        stdout=subprocess.DEVNULL, stderr=(folder / "log").open("wb"), cwd=folder, **run_as,  # type: ignore[arg-type]
-    )  # fmt: skip
+        [
+            bindir / "postgres",
+            "-D",
+            data,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            folder,
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "logging_collector=off",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        cwd=folder,
+        **run_as,  # type: ignore[arg-type]
+    )
     try:
         _wait_port(port, server, folder / "log")
         yield Postgres(port, password)
@@ -103,6 +141,7 @@ def postgres_server() -> Iterator[Postgres]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        log.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -118,9 +157,13 @@ class S3:
 
 
 S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}  # fmt: skip
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
 
 
 @contextlib.contextmanager
@@ -129,8 +172,10 @@ def s3_server() -> Iterator[S3]:
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV},
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **S3_ENV},
+        )
         try:
             _wait_port(port, server, None)
             yield S3(f"http://127.0.0.1:{port}")

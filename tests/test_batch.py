@@ -34,8 +34,16 @@ def gemini_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def batch_manifest(folder: Path, sim: Simulator, count: int, mode: str = "batch", **top: Any) -> Path:
     jobs = top.pop("jobs", [{"id": "p{n}", "prompt": "picture {n}", "matrix": {"n": list(range(count))}}])
-    providers = [{"name": "google-batch", "protocol": "gemini", "mode": mode, "base_url": sim.origin,
-                  "api_key_env": "GEMINI_API_KEY", "price_per_image": 0.0195}]  # fmt: skip
+    providers = [
+        {
+            "name": "google-batch",
+            "protocol": "gemini",
+            "mode": mode,
+            "base_url": sim.origin,
+            "api_key_env": "GEMINI_API_KEY",
+            "price_per_image": 0.0195,
+        }
+    ]
     return write_manifest(folder, jobs, providers=providers, **{"batch": FAST, **top})
 
 
@@ -99,8 +107,10 @@ def test_a_lost_create_reply_is_adopted_by_display_name(
 def test_retryable_lines_are_rebatched_and_refusals_recorded(tmp_path: Path, sim: Simulator) -> None:
     sim.config.image_scale, sim.config.refuse_words = 8, ("forbidden",)
     sim.config.batch_rate_429, sim.config.batch_rate_500 = 0.1, 0.1
-    jobs = [{"id": "p{n}", "prompt": "picture {n}", "matrix": {"n": list(range(60))}},
-            {"id": "no", "prompt": "something forbidden"}]  # fmt: skip
+    jobs = [
+        {"id": "p{n}", "prompt": "picture {n}", "matrix": {"n": list(range(60))}},
+        {"id": "no", "prompt": "something forbidden"},
+    ]
     manifest = batch_manifest(tmp_path, sim, 0, jobs=jobs)
     assert run("run", manifest) == 1
     assert len(metadata(tmp_path / "out")) == 60
@@ -182,8 +192,14 @@ def test_a_results_file_of_hundreds_of_mb_is_collected_in_flat_memory(tmp_path: 
     manifest = batch_manifest(tmp_path, sim, items)
     env = {**os.environ, "GEMINI_API_KEY": KEY}
     started = time.monotonic()
-    result = subprocess.run([PYTHON, "-c", PEAK_RSS, "run", str(manifest), "--quiet"], env=env,
-                            capture_output=True, text=True, timeout=280, check=False)  # fmt: skip
+    result = subprocess.run(
+        [PYTHON, "-c", PEAK_RSS, "run", str(manifest), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     peak_mb = int(re.findall(r"VmHWM (\d+)", result.stderr)[-1]) / 1024

@@ -14,8 +14,11 @@ import pytest
 def test_bench_runs_at_tiny_sizes(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "bench/bench.py", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=170, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "latest.json").read_text())
     assert report["latency_bound"]["exit"] == 0 and report["overhead_bound"]["exit"] == 0
@@ -24,6 +27,7 @@ def test_bench_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert all(row["done_rerun_rss_mb"] > 10 for row in report["scale"])
     assert report["cap"]["exit"] == 0 and report["cap"]["peak_in_flight"] <= 64
     assert report["quota"]["exit"] == 0 and report["quota"]["efficiency"] > 0
+    assert report["batch_collection"]["collect_s_all"] > 0 and report["batch_collection"]["speedup"] > 0
     assert (
         "efficiency" in result.stdout
         and "of a bare client" in result.stdout

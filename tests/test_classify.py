@@ -44,8 +44,18 @@ CASES = {
     "raw Gemini image_safety lower case": (200, {}, reply(None, "image_safety"), RefusalError),
     "PROHIBITED_CONTENT": (200, {}, reply(None, "PROHIBITED_CONTENT"), RefusalError),
     "IMAGE_RECITATION": (200, {}, reply(None, "IMAGE_RECITATION"), RefusalError),
-    "native promptFeedback.blockReason": (200, {}, body({"promptFeedback": {"blockReason": "BLOCKLIST"}}), RefusalError),
-    "prompt_blocked error code": (400, {}, body(err("invalid_request_error", "prompt_blocked")), RefusalError),
+    "native promptFeedback.blockReason": (
+        200,
+        {},
+        body({"promptFeedback": {"blockReason": "BLOCKLIST"}}),
+        RefusalError,
+    ),
+    "prompt_blocked error code": (
+        400,
+        {},
+        body(err("invalid_request_error", "prompt_blocked")),
+        RefusalError,
+    ),
     "gemini-balance blocked: 200, stop, placeholder text": (200, {}, reply("暂无返回", "stop"), RefusalError),
     # No image (worth one retry)
     "plain text only": (200, {}, reply("Here is a description of a kitten."), NoImageError),
@@ -53,14 +63,36 @@ CASES = {
     "choices empty": (200, {}, body({"choices": []}), NoImageError),
     "NO_IMAGE finish": (200, {}, reply(None, "NO_IMAGE"), NoImageError),
     "OTHER finish": (200, {}, reply("", "OTHER"), NoImageError),
-    "400 wrapping Google's INVALID_ARGUMENT in an outer INTERNAL": (400, {}, body({"error": {
-        "code": 500, "status": "INTERNAL", "message": '400 INVALID_ARGUMENT. {"error": {"code": 400, '
-        '"message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}}'}}), PermanentError),
+    "400 wrapping Google's INVALID_ARGUMENT in an outer INTERNAL": (
+        400,
+        {},
+        body(
+            {
+                "error": {
+                    "code": 500,
+                    "status": "INTERNAL",
+                    "message": '400 INVALID_ARGUMENT. {"error": {"code": 400, '
+                    '"message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}}',
+                }
+            }
+        ),
+        PermanentError,
+    ),
     "400 labelled internal_error, nothing inside": (400, {}, body(err("internal", None)), PermanentError),
-    "500 labelled INTERNAL stays retryable": (500, {}, body({"error": {"code": 500, "status": "INTERNAL", "message": "x"}}), RetryableError),
+    "500 labelled INTERNAL stays retryable": (
+        500,
+        {},
+        body({"error": {"code": 500, "status": "INTERNAL", "message": "x"}}),
+        RetryableError,
+    ),
     # Errors in disguise on HTTP 200
     "200 with error object, no code": (200, {}, body(err("upstream_error", None)), RetryableError),
-    "200 with error carrying code 429": (200, {}, body({"error": {"code": 429, "message": "busy"}}), RetryableError),
+    "200 with error carrying code 429": (
+        200,
+        {},
+        body({"error": {"code": 429, "message": "busy"}}),
+        RetryableError,
+    ),
     "200 with error array": (200, {}, body([{"error": {"code": 401, "message": "bad key"}}]), FatalError),
     "200 with error string": (200, {}, body({"error": "something broke"}), RetryableError),
     "200 HTML page": (200, {}, b"<html><title>Gateway</title></html>", RetryableError),
@@ -69,12 +101,22 @@ CASES = {
     "401": (401, {}, body(err("invalid_request_error", "invalid_api_key")), FatalError),
     "403 HTML": (403, {}, b"<html>forbidden</html>", FatalError),
     "insufficient_quota as 429": (429, {}, body(err("insufficient_quota", "insufficient_quota")), FatalError),
-    "insufficient_user_quota on 403": (403, {}, body(err("new_api_error", "insufficient_user_quota")), FatalError),
+    "insufficient_user_quota on 403": (
+        403,
+        {},
+        body(err("new_api_error", "insufficient_user_quota")),
+        FatalError,
+    ),
     # Permanent for the item
     "400 bad request": (400, {}, body(err("invalid_request_error", None)), PermanentError),
     "404": (404, {}, body(err(None, None)), PermanentError),
     "422": (422, {}, b"unprocessable", PermanentError),
-    "500 convert_request_failed": (500, {}, body(err("new_api_error", "convert_request_failed")), PermanentError),
+    "500 convert_request_failed": (
+        500,
+        {},
+        body(err("new_api_error", "convert_request_failed")),
+        PermanentError,
+    ),
     # Retryable
     "429 no Retry-After": (429, {}, body(err("rate_limit_error", None, "上游负载已饱和")), RetryableError),
     "429 Chinese text same as quota": (429, {}, body(err(None, None, "上游负载已饱和")), RetryableError),
@@ -84,10 +126,12 @@ CASES = {
     "503 empty": (503, {}, b"", RetryableError),
     "504 text": (504, {}, b"upstream timed out", RetryableError),
     "Gemini RESOURCE_EXHAUSTED": (
-        429, {}, body({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota per minute"}}),
+        429,
+        {},
+        body({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota per minute"}}),
         RetryableError,
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize(("status", "headers", "raw", "expected"), CASES.values(), ids=CASES.keys())
@@ -112,8 +156,14 @@ def test_retry_after_seconds_and_date() -> None:
 
 
 def test_gemini_retry_delay_used_when_no_header() -> None:
-    error = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "slow down", "details": [
-        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "34s"}]}}  # fmt: skip
+    error = {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "message": "slow down",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "34s"}],
+        }
+    }
     outcome = classify(429, {}, body(error), NOW)
     assert isinstance(outcome, RetryableError) and outcome.retry_after == 34
 

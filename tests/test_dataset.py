@@ -21,8 +21,11 @@ from pipeline.simulator import Simulator
 from tests.conftest import metadata, run, write_manifest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-JOBS = [{"id": "cat", "prompt": "a cat", "count": 2}, {"id": "fox", "prompt": "a <b>fox</b> & friends"},
-        {"id": "bad", "prompt": "forbidden thing"}]  # fmt: skip
+JOBS = [
+    {"id": "cat", "prompt": "a cat", "count": 2},
+    {"id": "fox", "prompt": "a <b>fox</b> & friends"},
+    {"id": "bad", "prompt": "forbidden thing"},
+]
 
 
 @pytest.fixture
@@ -86,11 +89,24 @@ def test_report_in_a_real_browser(output: Path) -> None:
 def _inspect(page: Path, profile: Path) -> dict[str, Any]:
     """Open the page in headless Chromium and read what a person would see, through DevTools."""
     browser = subprocess.Popen(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1200,900", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "--window-size=1200,900",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
         while not port_file.exists() or not port_file.read_text().strip():
@@ -156,8 +172,9 @@ class _Cdp:
         return result["result"].get("value")
 
 
-def test_output_loads_as_a_hugging_face_imagefolder(output: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_output_loads_as_a_hugging_face_imagefolder(
+    output: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -43,8 +43,9 @@ def test_every_reply_shape_yields_the_image(shape: str, stream: bool, tmp_path: 
     assert sim.stats.image_auth_headers == 0
 
 
-def test_chaos_run_pays_once_and_loses_nothing(tmp_path: Path, sim: Simulator,
-                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_chaos_run_pays_once_and_loses_nothing(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     c = sim.config
     c.latency_s, c.jitter_s, c.retry_after_s = 0.01, 0.01, 0.1
     c.rate_500, c.rate_429, c.rate_429_retry_after = 0.20, 0.05, 0.05
@@ -65,9 +66,11 @@ def test_chaos_run_pays_once_and_loses_nothing(tmp_path: Path, sim: Simulator,
     assert sim.stats.image_auth_headers == 0
     # Never paid twice: every billed generation became exactly one image, unless its URL was expired.
     assert sim.stats.generations - sim.stats.faults["expired"] == len(rows)
-    print(f"\nchaos: items 320, requests {summary['requests']}, generations {sim.stats.generations}, "
-          f"done {len(rows)}, failed {len(failed)}, retries {summary['retries']}, "
-          f"faults {dict(sim.stats.faults)}, elapsed {summary['elapsed_s']}s")  # fmt: skip
+    print(
+        f"\nchaos: items 320, requests {summary['requests']}, generations {sim.stats.generations}, "
+        f"done {len(rows)}, failed {len(failed)}, retries {summary['retries']}, "
+        f"faults {dict(sim.stats.faults)}, elapsed {summary['elapsed_s']}s"
+    )
 
 
 def test_429_storm_slows_the_whole_pool_then_recovers(tmp_path: Path, sim: Simulator) -> None:
@@ -108,8 +111,9 @@ def test_quota_error_as_429_is_fatal(
     assert "(request id: sim-quota)" in capsys.readouterr().out
 
 
-def test_the_same_permanent_error_on_many_items_stops_the_run(tmp_path: Path, sim: Simulator,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_the_same_permanent_error_on_many_items_stops_the_run(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     jobs = [{"id": f"j{n}", "prompt": f"p{n}"} for n in range(100)]
     manifest = write_manifest(tmp_path, jobs, concurrency=2, api={"model": "gemini-9-imaginary"})
     assert run("run", manifest) == 3
@@ -125,18 +129,26 @@ def test_no_image_is_retried_once_then_recorded(tmp_path: Path, sim: Simulator) 
     assert [f["error_type"] for f in failures(tmp_path / "out")] == ["no_image"] * 3
 
 
-def test_a_hung_request_frees_its_slot_at_the_timeout(tmp_path: Path, sim: Simulator,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_hung_request_frees_its_slot_at_the_timeout(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     sim.config.rate_hang, sim.config.hang_s = 0.5, 30
-    manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "count": 8}], concurrency=8,
-                              max_attempts=20, api={"timeout_s": 0.3}, **FAST)  # fmt: skip
+    manifest = write_manifest(
+        tmp_path,
+        [{"id": "a", "prompt": "x", "count": 8}],
+        concurrency=8,
+        max_attempts=20,
+        api={"timeout_s": 0.3},
+        **FAST,
+    )
     assert run("run", manifest, "--log-format", "json") == 0
     assert summary_of(capsys)["retries"]["timeout"] >= 1
     assert len(metadata(tmp_path / "out")) == 8
 
 
-def test_ignored_aspect_ratio_keeps_the_image_with_a_warning(tmp_path: Path, sim: Simulator,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_ignored_aspect_ratio_keeps_the_image_with_a_warning(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     sim.config.ignore_aspect_ratio = True
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "aspect_ratio": "16:9"}])
     assert run("run", manifest) == 0

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.errors import FatalError, NoImageError, PermanentError, RefusalError, RetryableError
-from pipeline.manifest import Item
+from pipeline.item import Item
 from pipeline.providers.gemini import classify_gemini, request_body
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 64).decode()
@@ -37,31 +37,67 @@ IMAGE = {"inlineData": {"mimeType": "image/png", "data": PNG}}
 CASES = {
     "image part": (200, candidate([IMAGE]), "image"),
     "text part first, then the image": (200, candidate([{"text": "Here is your image: "}, IMAGE]), "image"),
-    "snake_case inline_data": (200, candidate([{"inline_data": {"mime_type": "image/png", "data": PNG}}]), "image"),
+    "snake_case inline_data": (
+        200,
+        candidate([{"inline_data": {"mime_type": "image/png", "data": PNG}}]),
+        "image",
+    ),
     "NO_IMAGE without content": (200, candidate(None, "NO_IMAGE"), NoImageError),
     "IMAGE_OTHER": (200, candidate(None, "IMAGE_OTHER"), NoImageError),
     "OTHER": (200, candidate(None, "OTHER"), NoImageError),
     "STOP with text only": (200, candidate([{"text": "I cannot draw that."}]), NoImageError),
-    "IMAGE_SAFETY with a finishMessage": (200, candidate(None, "IMAGE_SAFETY", finishMessage="unsafe"), RefusalError),
+    "IMAGE_SAFETY with a finishMessage": (
+        200,
+        candidate(None, "IMAGE_SAFETY", finishMessage="unsafe"),
+        RefusalError,
+    ),
     "PROHIBITED_CONTENT": (200, candidate(None, "PROHIBITED_CONTENT"), RefusalError),
     "SPII": (200, candidate(None, "SPII"), RefusalError),
     "IMAGE_RECITATION": (200, candidate(None, "IMAGE_RECITATION"), RefusalError),
-    "promptFeedback.blockReason OTHER": (200, body({"promptFeedback": {"blockReason": "OTHER"}}), RefusalError),
-    "400 INVALID_ARGUMENT": (400, google_error(400, "INVALID_ARGUMENT", "Aspect ratio 1:4 is not supported"), PermanentError),
-    "400 API_KEY_INVALID": (400, google_error(400, "INVALID_ARGUMENT", "API key not valid", [BAD_KEY]), FatalError),
-    "400 FAILED_PRECONDITION": (400, google_error(400, "FAILED_PRECONDITION", "not in your region"), FatalError),
+    "promptFeedback.blockReason OTHER": (
+        200,
+        body({"promptFeedback": {"blockReason": "OTHER"}}),
+        RefusalError,
+    ),
+    "400 INVALID_ARGUMENT": (
+        400,
+        google_error(400, "INVALID_ARGUMENT", "Aspect ratio 1:4 is not supported"),
+        PermanentError,
+    ),
+    "400 API_KEY_INVALID": (
+        400,
+        google_error(400, "INVALID_ARGUMENT", "API key not valid", [BAD_KEY]),
+        FatalError,
+    ),
+    "400 FAILED_PRECONDITION": (
+        400,
+        google_error(400, "FAILED_PRECONDITION", "not in your region"),
+        FatalError,
+    ),
     "402 prepaid credits": (402, google_error(402, "PAYMENT_REQUIRED"), FatalError),
     "403 PERMISSION_DENIED": (403, google_error(403, "PERMISSION_DENIED"), FatalError),
     "404 model not found": (404, google_error(404, "NOT_FOUND", "models/x is not found"), FatalError),
-    "429 with RetryInfo after QuotaFailure": (429, google_error(429, "RESOURCE_EXHAUSTED", "quota", [QUOTA, RETRY]), RetryableError),
-    "429 without details: credits depleted": (429, google_error(429, "RESOURCE_EXHAUSTED", "Your prepayment credits are depleted"), FatalError),
+    "429 with RetryInfo after QuotaFailure": (
+        429,
+        google_error(429, "RESOURCE_EXHAUSTED", "quota", [QUOTA, RETRY]),
+        RetryableError,
+    ),
+    "429 without details: credits depleted": (
+        429,
+        google_error(429, "RESOURCE_EXHAUSTED", "Your prepayment credits are depleted"),
+        FatalError,
+    ),
     "500 INTERNAL": (500, google_error(500, "INTERNAL"), RetryableError),
-    "503 UNAVAILABLE overloaded": (503, google_error(503, "UNAVAILABLE", "The model is overloaded"), RetryableError),
+    "503 UNAVAILABLE overloaded": (
+        503,
+        google_error(503, "UNAVAILABLE", "The model is overloaded"),
+        RetryableError,
+    ),
     "504 DEADLINE_EXCEEDED": (504, google_error(504, "DEADLINE_EXCEEDED"), RetryableError),
     "502 HTML page": (502, b"<html><title>502</title></html>", RetryableError),
     "empty 200": (200, b"", RetryableError),
     "408": (408, b"", RetryableError),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize(("status", "reply", "expected"), CASES.values(), ids=CASES.keys())
@@ -89,7 +125,10 @@ def test_request_body() -> None:
     item = Item("a", 0, "a lighthouse", "16:9", "gemini-3-pro-image-preview", "fp", (), "2K")
     assert request_body(item, [("image/png", PNG)]) == {
         "contents": [{"role": "user", "parts": [{"text": "a lighthouse"}, IMAGE]}],
-        "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": {"aspectRatio": "16:9", "imageSize": "2K"}},
-    }  # fmt: skip
+        "generationConfig": {
+            "responseModalities": ["IMAGE"],
+            "imageConfig": {"aspectRatio": "16:9", "imageSize": "2K"},
+        },
+    }
     edit = Item("b", 0, "make it blue", None, "gemini-2.5-flash-image", "fp")
     assert request_body(edit)["generationConfig"] == {"responseModalities": ["IMAGE"]}

@@ -13,29 +13,50 @@ from tests.conftest import run
 
 GOOD_JOB = '  - {id: ok, prompt: "a cat"}\n'
 BAD = {
-    "unknown top-level key": ("concurency: 3\njobs:\n" + GOOD_JOB, 'concurency: unknown key (line 1)'),
+    "unknown top-level key": ("concurency: 3\njobs:\n" + GOOD_JOB, "concurency: unknown key (line 1)"),
     "unknown job key": ('jobs:\n  - {prompt: "x", size: 3}\n', "jobs[0].size: unknown key (line 2)"),
-    "wrong type": ('concurrency: "eight"\njobs:\n' + GOOD_JOB, 'concurrency: Input should be a valid integer, got "eight" (line 1)'),
+    "wrong type": (
+        'concurrency: "eight"\njobs:\n' + GOOD_JOB,
+        'concurrency: Input should be a valid integer, got "eight" (line 1)',
+    ),
     "bad aspect ratio": (
         'jobs:\n  - {prompt: a}\n  - {prompt: b}\n  - {prompt: c}\n  - prompt: d\n    aspect_ratio: "7:3"\n',
         'jobs[3].aspect_ratio: "7:3" is not one of "1:1", "2:3"',
     ),
     "unquoted aspect ratio read as a number": ("jobs:\n  - {prompt: a, aspect_ratio: 16:9}\n", "quote it"),
     "empty prompt": ('jobs:\n  - {prompt: "   "}\n', 'jobs[0].prompt: must not be empty, got "   " (line 2)'),
-    "missing prompt": ("jobs:\n  - {id: x}\n", "jobs[0]: needs either `prompt` or `prompts_file`, not both (line 2)"),
-    "count zero": ("jobs:\n  - {prompt: a, count: 0}\n", "jobs[0].count: Input should be greater than or equal to 1"),
-    "bad id characters": ('jobs:\n  - {id: "../etc", prompt: a}\n', 'jobs[0].id: "../etc" must be 1-100 characters'),
-    "duplicate ids": ("jobs:\n  - {id: a, prompt: x}\n  - {id: a, prompt: y}\n", 'jobs[1].id: "a" is also the id of jobs[0] (line 3)'),
+    "missing prompt": (
+        "jobs:\n  - {id: x}\n",
+        "jobs[0]: needs either `prompt` or `prompts_file`, not both (line 2)",
+    ),
+    "count zero": (
+        "jobs:\n  - {prompt: a, count: 0}\n",
+        "jobs[0].count: Input should be greater than or equal to 1",
+    ),
+    "bad id characters": (
+        'jobs:\n  - {id: "../etc", prompt: a}\n',
+        'jobs[0].id: "../etc" must be 1-100 characters',
+    ),
+    "duplicate ids": (
+        "jobs:\n  - {id: a, prompt: x}\n  - {id: a, prompt: y}\n",
+        'jobs[1].id: "a" is also the id of jobs[0] (line 3)',
+    ),
     "duplicate derived ids": ("jobs:\n  - {prompt: same}\n  - {prompt: same}\n", "derived from the prompt"),
     "no jobs": ("jobs: []\n", "jobs: List should have at least 1 item"),
     "not a mapping": ("- just\n- a list\n", "must be a mapping with a `jobs` list, got a list"),
     "not YAML": ("jobs: [unclosed\n", "not valid YAML"),
     "empty file": ("", "is empty"),
-    "key in the manifest": ("api:\n  api_key: sk-live-123\njobs:\n" + GOOD_JOB, "api.api_key: API keys do not belong in the manifest"),
+    "key in the manifest": (
+        "api:\n  api_key: sk-live-123\njobs:\n" + GOOD_JOB,
+        "api.api_key: API keys do not belong in the manifest",
+    ),
     "aliases": ("a: &x [1, 2]\nb: *x\njobs:\n" + GOOD_JOB, "YAML aliases are not allowed"),
     "deep nesting": ("jobs:\n" + GOOD_JOB + "x: " + "[" * 200 + "]" * 200 + "\n", "nested"),
-    "base_url not http": ("api: {base_url: ftp://x}\njobs:\n" + GOOD_JOB, "api.base_url: must be an http:// or https:// URL"),
-}  # fmt: skip
+    "base_url not http": (
+        "api: {base_url: ftp://x}\njobs:\n" + GOOD_JOB,
+        "api.base_url: must be an http:// or https:// URL",
+    ),
+}
 
 
 @pytest.mark.parametrize(("text", "expected"), BAD.values(), ids=BAD.keys())
@@ -60,8 +81,11 @@ def test_all_problems_reported_at_once(tmp_path: Path, capsys: pytest.CaptureFix
     assert run("validate", path) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(": ")[1] for line in lines] == [
-        "concurrency", "jobs[0].prompt", "jobs[1].aspect_ratio", "jobs[1].count",
-    ]  # fmt: skip
+        "concurrency",
+        "jobs[0].prompt",
+        "jobs[1].aspect_ratio",
+        "jobs[1].count",
+    ]
 
 
 def test_cross_field_problems_come_with_the_field_problems(
@@ -82,9 +106,14 @@ def test_cross_field_problems_come_with_the_field_problems(
     assert run("validate", path) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(": ")[1] for line in lines] == [
-        "concurrency", "jobs[0].aspect_ratio", "jobs[3].prompt", "jobs[3].count",
-        "jobs[5].prompts_file", "jobs[4].images[0]", "jobs[2].id",
-    ], lines  # fmt: skip
+        "concurrency",
+        "jobs[0].aspect_ratio",
+        "jobs[3].prompt",
+        "jobs[3].count",
+        "jobs[5].prompts_file",
+        "jobs[4].images[0]",
+        "jobs[2].id",
+    ], lines
     assert lines[-1].endswith('"b" is also the id of jobs[1] (line 5)')
 
 
@@ -95,8 +124,9 @@ def test_huge_manifest_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "too large" in capsys.readouterr().err
 
 
-def test_missing_key_env_is_a_manifest_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str], sim: Simulator) -> None:  # fmt: skip
+def test_missing_key_env_is_a_manifest_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sim: Simulator
+) -> None:
     monkeypatch.delenv("IMAGE_API_KEY")
     path = tmp_path / "m.yaml"
     path.write_text("api: {api_key_env: MY_KEY}\njobs:\n" + GOOD_JOB)
@@ -128,8 +158,10 @@ def test_items_and_fingerprints(tmp_path: Path) -> None:
     )
     items = list(iter_items(load_manifest(path)))
     assert [(i.id, i.index, i.aspect_ratio) for i in items] == [
-        ("a", 0, "3:2"), ("a", 1, "3:2"), (derive_id("dog"), 0, "3:2"),
-    ]  # fmt: skip
+        ("a", 0, "3:2"),
+        ("a", 1, "3:2"),
+        (derive_id("dog"), 0, "3:2"),
+    ]
     assert items[0].fingerprint == items[1].fingerprint
     path.write_text("jobs:\n  - {id: a, prompt: cat, count: 2}\n")  # aspect ratio back to 1:1
     changed = next(iter_items(load_manifest(path)))
@@ -178,15 +210,27 @@ def test_matrix_expands_to_the_cartesian_product(tmp_path: Path) -> None:
 
 MATRIX_BAD = {
     "unknown placeholder in the prompt": (
-        'jobs:\n  - {id: "{a}", prompt: "x {b}", matrix: {a: [1, 2]}}\n', "jobs[0].prompt: uses b, not in `matrix`, got \"x {b}\" (line 2)"),
-    "placeholder without a matrix": ('jobs:\n  - {id: "{a}", prompt: x}\n', "jobs[0].id: uses a, not in `matrix`"),
+        'jobs:\n  - {id: "{a}", prompt: "x {b}", matrix: {a: [1, 2]}}\n',
+        'jobs[0].prompt: uses b, not in `matrix`, got "x {b}" (line 2)',
+    ),
+    "placeholder without a matrix": (
+        'jobs:\n  - {id: "{a}", prompt: x}\n',
+        "jobs[0].id: uses a, not in `matrix`",
+    ),
     "duplicate expanded ids": (
-        'jobs:\n  - {id: "same", prompt: "x {a}", matrix: {a: [1, 2]}}\n', 'jobs[0].id: "same" is also the id of jobs[0]'),
+        'jobs:\n  - {id: "same", prompt: "x {a}", matrix: {a: [1, 2]}}\n',
+        'jobs[0].id: "same" is also the id of jobs[0]',
+    ),
     "expanded id too long": (
-        'jobs:\n  - {id: "{a}", prompt: "x {a}", matrix: {a: ["' + "y" * 120 + '"]}}\n', "must be 1-100 characters"),
-    "empty matrix values": ('jobs:\n  - {prompt: "x {a}", matrix: {a: []}}\n', "jobs[0].matrix.a: List should have at least 1 item"),
+        'jobs:\n  - {id: "{a}", prompt: "x {a}", matrix: {a: ["' + "y" * 120 + '"]}}\n',
+        "must be 1-100 characters",
+    ),
+    "empty matrix values": (
+        'jobs:\n  - {prompt: "x {a}", matrix: {a: []}}\n',
+        "jobs[0].matrix.a: List should have at least 1 item",
+    ),
     "bad template": ('jobs:\n  - {prompt: "x {a", matrix: {a: [1]}}\n', "bad template"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize(("text", "expected"), MATRIX_BAD.values(), ids=MATRIX_BAD.keys())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import item_fingerprint
+from pipeline.item import item_fingerprint
 from pipeline.presets import ASPECT_RATIOS, MODELS, expected_size, list_price
 from pipeline.simulator import Simulator
 from tests.conftest import assert_dataset_consistent, metadata, run, write_manifest
@@ -31,11 +31,21 @@ def test_table() -> None:
 
 BAD = {
     "flash takes no image_size": (
-        FLASH, 'defaults: {image_size: "2K"}\n', 'defaults.image_size: "2K": gemini-2.5-flash-image takes no image_size'),
+        FLASH,
+        'defaults: {image_size: "2K"}\n',
+        'defaults.image_size: "2K": gemini-2.5-flash-image takes no image_size',
+    ),
     "a job's image_size on flash": (
-        FLASH, "", 'jobs[1].image_size: "4K": gemini-2.5-flash-image takes no image_size (only gemini-3-pro-image-preview do) (line 5)'),
-    "an unknown image size": (PRO, 'defaults: {image_size: "8K"}\n', 'defaults.image_size: "8K" is not one of "1K", "2K", "4K" (line 2)'),
-}  # fmt: skip
+        FLASH,
+        "",
+        'jobs[1].image_size: "4K": gemini-2.5-flash-image takes no image_size (only gemini-3-pro-image-preview do) (line 5)',
+    ),
+    "an unknown image size": (
+        PRO,
+        'defaults: {image_size: "8K"}\n',
+        'defaults.image_size: "8K" is not one of "1K", "2K", "4K" (line 2)',
+    ),
+}
 
 
 @pytest.mark.parametrize(("model", "top", "expected"), BAD.values(), ids=BAD.keys())
@@ -74,8 +84,10 @@ def test_image_size_is_part_of_the_fingerprint_only_when_set() -> None:
 def test_pro_model_end_to_end_with_sizes_checked_and_priced(
     tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    jobs = [{"id": "one-k", "prompt": "a lighthouse", "aspect_ratio": "16:9"},
-            {"id": "four-k", "prompt": "a harbour", "aspect_ratio": "16:9", "image_size": "4K", "count": 2}]  # fmt: skip
+    jobs = [
+        {"id": "one-k", "prompt": "a lighthouse", "aspect_ratio": "16:9"},
+        {"id": "four-k", "prompt": "a harbour", "aspect_ratio": "16:9", "image_size": "4K", "count": 2},
+    ]
     manifest = write_manifest(tmp_path, jobs, api={"model": PRO})
     assert run("run", manifest, "--dry-run", "--log-format", "json") == 0
     plan = json.loads(capsys.readouterr().out)

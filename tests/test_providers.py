@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -61,9 +62,12 @@ def test_two_providers_with_different_caps_finish_one_manifest(
 
 
 def test_a_provider_with_a_wrong_key_is_disabled_and_the_other_finishes(
-    tmp_path: Path, sim: Simulator, sim_b: Simulator, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    sim: Simulator,
+    sim_b: Simulator,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.setenv("KEY_B", "sk-wrong")
     providers = [provider("good", sim, priority=2), provider("bad", sim_b, "KEY_B", priority=1)]
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "count": 30}], providers=providers)
@@ -102,8 +106,10 @@ def test_priority_spills_over_only_while_the_first_is_full(
 ) -> None:
     for s in (sim, sim_b):
         s.config.latency_s, s.config.image_scale = 0.05, 8
-    providers = [provider("cheap", sim, concurrency=2, priority=1, price_per_image=0.01),
-                 provider("dear", sim_b, "KEY_B", concurrency=6, priority=2, price_per_image=0.05)]  # fmt: skip
+    providers = [
+        provider("cheap", sim, concurrency=2, priority=1, price_per_image=0.01),
+        provider("dear", sim_b, "KEY_B", concurrency=6, priority=2, price_per_image=0.05),
+    ]
     jobs = [{"id": "a", "prompt": "x", "count": 60}]
     manifest = write_manifest(tmp_path, jobs, providers=providers)
     assert run("run", manifest, "--log-format", "json") == 0
@@ -133,10 +139,25 @@ def test_a_provider_whose_process_dies_mid_run(
     sim.config.latency_s, sim.config.image_scale = 0.02, 8
     monkeypatch.setenv("DYING_KEY", "sk-dying")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "pipeline", "simulate", "--port", "0", "--latency", "0.05", "--jitter", "0",
-         "--image-scale", "8", "--key", "sk-dying"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            PYTHON,
+            "-m",
+            "pipeline",
+            "simulate",
+            "--port",
+            "0",
+            "--latency",
+            "0.05",
+            "--jitter",
+            "0",
+            "--image-scale",
+            "8",
+            "--key",
+            "sk-dying",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         base_url = proc.stdout.readline().split("IMAGE_API_BASE_URL=")[1].split()[0]
@@ -152,8 +173,10 @@ def test_a_provider_whose_process_dies_mid_run(
                     return
                 time.sleep(0.01)
 
-        providers = [{"name": "dying", "base_url": base_url, "api_key_env": "DYING_KEY", "priority": 1},
-                     provider("steady", sim, priority=2)]  # fmt: skip
+        providers = [
+            {"name": "dying", "base_url": base_url, "api_key_env": "DYING_KEY", "priority": 1},
+            provider("steady", sim, priority=2),
+        ]
         manifest = write_manifest(
             tmp_path, [{"id": "a", "prompt": "x", "count": 150}], providers=providers, backoff_base_s=0.05
         )
@@ -163,7 +186,7 @@ def test_a_provider_whose_process_dies_mid_run(
         killer.join()
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.communicate(timeout=10)  # reaped, its pipe closed
     assert killed, "the provider was never killed"
     rows = assert_dataset_consistent(tmp_path / "out")
     assert len(rows) == 150
@@ -178,8 +201,10 @@ def test_native_protocol_end_to_end(
     sim.config.refuse_words = ("forbidden",)
     sim.config.rate_429_retry_after, sim.config.retry_after_s = 0.15, 0.05
     providers = [provider("google", sim, "GEMINI_API_KEY", protocol="gemini")]
-    jobs = [{"id": "ok", "prompt": "a lighthouse", "count": 30, "aspect_ratio": "16:9"},
-            {"id": "no", "prompt": "something forbidden"}]  # fmt: skip
+    jobs = [
+        {"id": "ok", "prompt": "a lighthouse", "count": 30, "aspect_ratio": "16:9"},
+        {"id": "no", "prompt": "something forbidden"},
+    ]
     manifest = write_manifest(tmp_path, jobs, providers=providers)
     assert run("run", manifest) == 1
     rows = assert_dataset_consistent(tmp_path / "out")
@@ -224,12 +249,24 @@ def test_a_sliding_quota_is_paced(headers: bool, tmp_path: Path, sim: Simulator)
 
 
 BAD = {
-    "api and providers": ("api: {model: x}\nproviders:\n  - {name: a}\n", "providers: a manifest has `api:` or `providers:`, not both (line 3)"),
-    "duplicate names": ("providers:\n  - {name: a}\n  - {name: a}\n", 'providers[1].name: "a" is also the name of providers[0] (line 3)'),
-    "unknown protocol": ("providers:\n  - {name: a, protocol: grpc}\n", 'providers[0].protocol: "grpc" is not one of \'openai-chat\' or \'gemini\' (line 2)'),
+    "api and providers": (
+        "api: {model: x}\nproviders:\n  - {name: a}\n",
+        "providers: a manifest has `api:` or `providers:`, not both (line 3)",
+    ),
+    "duplicate names": (
+        "providers:\n  - {name: a}\n  - {name: a}\n",
+        'providers[1].name: "a" is also the name of providers[0] (line 3)',
+    ),
+    "unknown protocol": (
+        "providers:\n  - {name: a, protocol: grpc}\n",
+        "providers[0].protocol: \"grpc\" is not one of 'openai-chat' or 'gemini' (line 2)",
+    ),
     "bad name": ('providers:\n  - {name: "a b"}\n', "providers[0].name: String should match pattern"),
-    "stream on gemini": ("providers:\n  - {name: a, protocol: gemini, stream: true}\n", "providers[0].stream: only for protocol openai-chat"),
-}  # fmt: skip
+    "stream on gemini": (
+        "providers:\n  - {name: a, protocol: gemini, stream: true}\n",
+        "providers[0].stream: only for protocol openai-chat",
+    ),
+}
 
 
 @pytest.mark.parametrize(("text", "expected"), BAD.values(), ids=BAD.keys())
@@ -243,15 +280,39 @@ def test_bad_providers(
     assert sim.stats.requests == 0
 
 
+def test_every_provider_problem_at_once_with_its_line(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("UNSET_KEY", raising=False)
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "providers:\n"
+        "  - {name: a, base_url: http://127.0.0.1:9}\n"
+        "  - {name: a, base_url: http://127.0.0.1:9}\n"
+        "  - {name: b, protocol: grpc}\n"
+        "  - {name: c, api_key_env: UNSET_KEY, base_url: http://127.0.0.1:9}\n"
+        'jobs:\n  - {prompt: "x"}\n'
+    )
+    assert run("run", path) == 2
+    err = capsys.readouterr().err
+    assert f'{path}: providers[1].name: "a" is also the name of providers[0] (line 3)' in err
+    assert f"{path}: providers[2].protocol: " in err and "(line 4)" in err
+    assert f"{path}: providers[3].api_key_env: environment variable UNSET_KEY is not set" in err
+    assert "(line 5)" in err and sim.stats.requests == 0
+
+
 def test_missing_keys_and_unknown_provider_names(
     tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
-    providers = [provider("a", sim), provider("g", sim, "GEMINI_API_KEY", protocol="gemini"),
-                 provider("c", sim, "NOPE_KEY")]  # fmt: skip
+    providers = [
+        provider("a", sim),
+        provider("g", sim, "GEMINI_API_KEY", protocol="gemini"),
+        provider("c", sim, "NOPE_KEY"),
+    ]
     manifest = write_manifest(tmp_path, [{"prompt": "x"}], providers=providers)
     assert run("run", manifest) == 2
-    err = capsys.readouterr().err.splitlines()
+    err = [re.sub(r" \(line \d+\)$", "", line) for line in capsys.readouterr().err.splitlines()]
     assert err == [
         f"{manifest}: providers[1].api_key_env: environment variable GEMINI_API_KEY is not set (or use --simulate)",
         f"{manifest}: providers[2].api_key_env: environment variable NOPE_KEY is not set (or use --simulate)",
@@ -264,8 +325,10 @@ def test_missing_keys_and_unknown_provider_names(
 def test_dry_run_prices_at_the_first_provider_and_the_report_shows_each(
     tmp_path: Path, sim: Simulator, sim_b: Simulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    providers = [provider("dear", sim_b, "KEY_B", priority=2, price_per_image=0.05),
-                 provider("cheap", sim, priority=1, price_per_image=0.01)]  # fmt: skip
+    providers = [
+        provider("dear", sim_b, "KEY_B", priority=2, price_per_image=0.05),
+        provider("cheap", sim, priority=1, price_per_image=0.01),
+    ]
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "count": 10}], providers=providers)
     assert run("run", manifest, "--dry-run", "--log-format", "json") == 0
     assert json.loads(capsys.readouterr().out)["cost_usd"] == 0.1

@@ -63,8 +63,9 @@ def test_changing_the_input_image_regenerates(tmp_path: Path, sim: Simulator) ->
     ],
     ids=["missing", "not an image"],
 )
-def test_bad_reference_images_are_manifest_errors(make: object, expected: str, tmp_path: Path, sim: Simulator,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_bad_reference_images_are_manifest_errors(
+    make: object, expected: str, tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     if callable(make):
         make(tmp_path / "a.png")
     manifest = write_manifest(tmp_path, [{"id": "e", "prompt": "x", "images": ["a.png"]}])
@@ -72,8 +73,9 @@ def test_bad_reference_images_are_manifest_errors(make: object, expected: str, t
     assert expected in capsys.readouterr().err and sim.stats.requests == 0
 
 
-def test_a_reference_image_over_the_size_limit_is_refused(tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_reference_image_over_the_size_limit_is_refused(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr("pipeline.manifest.MAX_REFERENCE_BYTES", 100)
     picture(tmp_path / "a.png", (64, 64), "red")
     manifest = write_manifest(tmp_path, [{"id": "e", "prompt": "x", "images": ["a.png"]}])

@@ -49,8 +49,9 @@ def test_end_to_end(tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixtur
     assert f"done {ITEMS} of {ITEMS} (new {ITEMS}, already done 0)" in capsys.readouterr().out
 
 
-def test_rerun_of_a_finished_manifest_makes_no_request(tmp_path: Path, sim: Simulator,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_rerun_of_a_finished_manifest_makes_no_request(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = write_manifest(tmp_path, JOBS)
     assert run("run", manifest) == 0
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/images").iterdir()}
@@ -168,8 +169,9 @@ def test_corrupt_leftover_is_not_adopted(tmp_path: Path, sim: Simulator) -> None
     assert len(assert_dataset_consistent(out)) == 1
 
 
-def test_second_run_on_a_locked_output_exits_75(tmp_path: Path, sim: Simulator,
-                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_second_run_on_a_locked_output_exits_75(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}])
     (tmp_path / "out").mkdir()
     with OutputLock(tmp_path / "out"):
@@ -179,8 +181,9 @@ def test_second_run_on_a_locked_output_exits_75(tmp_path: Path, sim: Simulator,
     assert run("run", manifest) == 0
 
 
-def test_bad_key_stops_the_run_with_exit_3(tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_bad_key_stops_the_run_with_exit_3(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("IMAGE_API_KEY", "sk-wrong-key")
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x", "count": 50}], concurrency=4)
     assert run("run", manifest) == 3
@@ -196,8 +199,9 @@ def test_bad_key_stops_the_run_with_exit_3(tmp_path: Path, sim: Simulator, monke
     assert len(metadata(tmp_path / "out")) == 50
 
 
-def test_key_never_leaves_the_api_request(tmp_path: Path, sim: Simulator,
-                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_key_never_leaves_the_api_request(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     sim.config.rate_500 = 0.2
     manifest = write_manifest(tmp_path, JOBS)
     assert run("run", manifest, "--log-format", "json") in (0, 1)
@@ -219,8 +223,14 @@ def test_images_decode_as_real_pngs(tmp_path: Path, sim: Simulator) -> None:
 def died_after_recording_the_url(output: Path, index: int, url: str, age_s: float) -> None:
     """The state of a run killed after it recorded item a_<index>'s URL, `age_s` ago."""
     (output / f"images/a_{index}.png").unlink()
-    _sql(output, "UPDATE items SET status='url', url=?, url_at=strftime('%s','now') - ?, image=NULL,"
-                 " image_fp=NULL, file=NULL WHERE idx=?", url, age_s, index)  # fmt: skip
+    _sql(
+        output,
+        "UPDATE items SET status='url', url=?, url_at=strftime('%s','now') - ?, image=NULL,"
+        " image_fp=NULL, file=NULL WHERE idx=?",
+        url,
+        age_s,
+        index,
+    )
 
 
 def _sql(output: Path, statement: str, *params: object) -> None:

@@ -24,19 +24,21 @@ from tests.conftest import KEY, PYTHON, run, write_manifest
 @contextmanager
 def simulate(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
     """`pipeline simulate` on a free loopback port: (its first line, its base URL); stopped by pid."""
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [PYTHON, "-m", "pipeline", "simulate", "--port", "0", "--latency", "0", "--jitter", "0", *args],
-        stdout=subprocess.PIPE, text=True, env=env if env is not None else os.environ.copy(),
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"IMAGE_API_BASE_URL=(\S+)", line)
-        assert match, line
-        yield line, match.group(1)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env if env is not None else os.environ.copy(),
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            match = re.search(r"IMAGE_API_BASE_URL=(\S+)", line)
+            assert match, line
+            yield line, match.group(1)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(10) == 0
 
 
 def _openai_image(base_url: str, key: str, ratio: str) -> tuple[int, int]:
@@ -128,11 +130,15 @@ def test_google_genai_sdk_runs_a_batch_job_on_simulate(tmp_path: Path) -> None:
 
     requests = tmp_path / "requests.jsonl"
     lines = [
-        {"key": f"item-{n}", "request": {"contents": [{"parts": [{"text": f"a lighthouse, take {n}"}]}],
-                                         "generationConfig": {"responseModalities": ["IMAGE"],
-                                                              "imageConfig": {"aspectRatio": "16:9"}}}}
+        {
+            "key": f"item-{n}",
+            "request": {
+                "contents": [{"parts": [{"text": f"a lighthouse, take {n}"}]}],
+                "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": {"aspectRatio": "16:9"}},
+            },
+        }
         for n in range(3)
-    ]  # fmt: skip
+    ]
     requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
     env = {**os.environ, "IMAGE_API_KEY": "sk-batch-789"}
     with simulate("--image-scale", "8", env=env) as (line, _):

@@ -26,9 +26,11 @@ def test_txt_one_prompt_a_line(tmp_path: Path) -> None:
     path = manifest_with(tmp_path, "p.txt", "a red fox\n\n# a comment\n一只猫\n", "    count: 2\n")
     items = [(i.id, i.index, i.prompt, i.aspect_ratio) for i in iter_items(load_manifest(path))]
     assert items == [
-        (derive_id("a red fox"), 0, "a red fox", "3:2"), (derive_id("a red fox"), 1, "a red fox", "3:2"),
-        (derive_id("一只猫"), 0, "一只猫", "3:2"), (derive_id("一只猫"), 1, "一只猫", "3:2"),
-    ]  # fmt: skip
+        (derive_id("a red fox"), 0, "a red fox", "3:2"),
+        (derive_id("a red fox"), 1, "a red fox", "3:2"),
+        (derive_id("一只猫"), 0, "一只猫", "3:2"),
+        (derive_id("一只猫"), 1, "一只猫", "3:2"),
+    ]
     assert load_manifest(path).total_items == 4
 
 
@@ -36,8 +38,12 @@ def test_csv_with_columns_and_row_overrides(tmp_path: Path) -> None:
     text = 'key,text,aspect_ratio,count\nfox,"a fox, running",16:9,\nowl,an owl,,3\n'
     path = manifest_with(tmp_path, "p.csv", text, "    id_field: key\n    prompt_field: text\n")
     items = [(i.id, i.index, i.prompt, i.aspect_ratio) for i in iter_items(load_manifest(path))]
-    assert items == [("fox", 0, "a fox, running", "16:9"), ("owl", 0, "an owl", "3:2"),
-                     ("owl", 1, "an owl", "3:2"), ("owl", 2, "an owl", "3:2")]  # fmt: skip
+    assert items == [
+        ("fox", 0, "a fox, running", "16:9"),
+        ("owl", 0, "an owl", "3:2"),
+        ("owl", 1, "an owl", "3:2"),
+        ("owl", 2, "an owl", "3:2"),
+    ]
 
 
 def test_jsonl_with_numeric_ids(tmp_path: Path) -> None:
@@ -58,15 +64,25 @@ BAD_ROWS = {
     "no prompt": ('{"id": "a"}\n', "p.jsonl: line 1: prompt: must be a non-empty string"),
     "blank prompt": ('{"prompt": "  "}\n', "p.jsonl: line 1: prompt: must be a non-empty string"),
     "bad id": ('{"id": "a/b", "prompt": "x"}\n', "p.jsonl: line 1: id: 'a/b' must be 1-100 characters"),
-    "bad aspect ratio": ('{"prompt": "x", "aspect_ratio": "7:3"}\n', "p.jsonl: line 1: aspect_ratio: '7:3' is not one of"),
-    "bad count": ('{"prompt": "x", "count": 0}\n', "p.jsonl: line 1: count: must be a whole number of at least 1"),
-    "duplicate id": ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', 'p.jsonl: line 2: id "a" is also the id of'),
-}  # fmt: skip
+    "bad aspect ratio": (
+        '{"prompt": "x", "aspect_ratio": "7:3"}\n',
+        "p.jsonl: line 1: aspect_ratio: '7:3' is not one of",
+    ),
+    "bad count": (
+        '{"prompt": "x", "count": 0}\n',
+        "p.jsonl: line 1: count: must be a whole number of at least 1",
+    ),
+    "duplicate id": (
+        '{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n',
+        'p.jsonl: line 2: id "a" is also the id of',
+    ),
+}
 
 
 @pytest.mark.parametrize(("text", "expected"), BAD_ROWS.values(), ids=BAD_ROWS.keys())
-def test_bad_rows_are_reported_with_file_and_line(text: str, expected: str, tmp_path: Path, sim: Simulator,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_bad_rows_are_reported_with_file_and_line(
+    text: str, expected: str, tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = manifest_with(tmp_path, "p.jsonl", text, "    id_field: id\n")
     assert run("run", path, "--output", tmp_path / "out") == 2
     err = capsys.readouterr().err

@@ -51,8 +51,10 @@ def test_multi_megabyte_single_line() -> None:
 
 
 def test_images_delta_and_list_typed_delta() -> None:
-    body = sse(delta("", images=[{"type": "image_url", "image_url": {"url": URL}}]),
-               delta([{"type": "image_url", "image_url": {"url": "https://h/2.png"}}]))  # fmt: skip
+    body = sse(
+        delta("", images=[{"type": "image_url", "image_url": {"url": URL}}]),
+        delta([{"type": "image_url", "image_url": {"url": "https://h/2.png"}}]),
+    )
     assert images(body) == [URL, "https://h/2.png"]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import LeaseLost, ManifestError, StorageError
-from pipeline.manifest import Item
+from pipeline.item import Item
 from pipeline.state import State, open_state
 from pipeline.state.postgres import PostgresState
 

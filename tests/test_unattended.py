@@ -24,10 +24,10 @@ from tests.test_crash import start, wait_for_generations
 def test_sigterm_finishes_in_flight_work_and_exits_143(tmp_path: Path, sim: Simulator) -> None:
     sim.config.latency_s = 0.3
     manifest = write_manifest(tmp_path, [{"id": "t", "prompt": "term", "count": 40}], concurrency=4)
-    process = start(manifest, sim, "--grace-s", "20")
-    wait_for_generations(sim, 4, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(20) == 143
+    with start(manifest, sim, "--grace-s", "20") as process:
+        wait_for_generations(sim, 4, process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 143
     rows = assert_dataset_consistent(tmp_path / "out")
     assert 4 <= len(rows) < 40
     assert len(rows) == sim.stats.generations  # every paid generation was downloaded before exiting
@@ -39,17 +39,17 @@ def test_sigterm_finishes_in_flight_work_and_exits_143(tmp_path: Path, sim: Simu
 def test_a_second_signal_stops_at_once(tmp_path: Path, sim: Simulator) -> None:
     sim.config.rate_hang, sim.config.hang_s = 1.0, 60  # every request hangs for a minute
     manifest = write_manifest(tmp_path, [{"id": "h", "prompt": "hang", "count": 10}], concurrency=4)
-    process = start(manifest, sim, "--grace-s", "60")
-    deadline = time.monotonic() + 20
-    while sim.stats.in_flight < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.3)
-    assert process.poll() is None  # still in its grace period
-    process.send_signal(signal.SIGINT)
-    assert process.wait(10) == 130
-    assert process.stderr is not None and "Traceback" not in process.stderr.read().decode()
+    with start(manifest, sim, "--grace-s", "60") as process:
+        deadline = time.monotonic() + 20
+        while sim.stats.in_flight < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert process.poll() is None  # still in its grace period
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 130
+        assert process.stderr is not None and "Traceback" not in process.stderr.read().decode()
     with sqlite3.connect(tmp_path / "out/state.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
@@ -57,21 +57,21 @@ def test_a_second_signal_stops_at_once(tmp_path: Path, sim: Simulator) -> None:
 def test_two_runs_on_one_output(tmp_path: Path, sim: Simulator) -> None:
     sim.config.latency_s = 0.2
     manifest = write_manifest(tmp_path, [{"id": "l", "prompt": "lock", "count": 40}], concurrency=2)
-    first = start(manifest, sim)
-    wait_for_generations(sim, 1, first)
-    second = start(manifest, sim)
-    assert second.wait(20) == 75
-    assert second.stderr is not None and f"(pid {first.pid})" in second.stderr.read().decode()
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
+    with start(manifest, sim) as first:
+        wait_for_generations(sim, 1, first)
+        with start(manifest, sim) as second:
+            assert second.wait(20) == 75
+            assert second.stderr is not None and f"(pid {first.pid})" in second.stderr.read().decode()
+        first.send_signal(signal.SIGKILL)
     sim.config.latency_s = 0.0
-    third = start(manifest, sim)
-    assert third.wait(60) == 0  # the kernel released the dead run's lock
+    with start(manifest, sim) as third:
+        assert third.wait(60) == 0  # the kernel released the dead run's lock
     assert len(assert_dataset_consistent(tmp_path / "out")) == 40
 
 
-def test_disk_full_while_writing_an_image(tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_disk_full_while_writing_an_image(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     real_commit, calls = Downloader._commit, []
 
     def full_disk(self: Downloader, tmp: Path, name: str, data: bytes | None, *rest: object) -> object:
@@ -118,8 +118,9 @@ def test_disk_full_while_writing_the_state(
     assert sim.stats.generations == 4  # the image whose record was lost was adopted, not paid again
 
 
-def test_lost_state_write_after_a_prompt_edit_adopts_the_new_image(tmp_path: Path, sim: Simulator,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_lost_state_write_after_a_prompt_edit_adopts_the_new_image(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     manifest = write_manifest(tmp_path, [{"id": "e", "prompt": "before"}])
     assert run("run", manifest) == 0
     write_manifest(tmp_path, [{"id": "e", "prompt": "after"}])
@@ -199,8 +200,9 @@ def test_an_unreachable_healthcheck_never_fails_the_run(tmp_path: Path, sim: Sim
     assert run("run", manifest) == 0
 
 
-def test_the_key_never_leaks_even_when_the_gateway_echoes_it(tmp_path: Path, sim: Simulator,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_the_key_never_leaks_even_when_the_gateway_echoes_it(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     sim.config.echo_auth = True
     manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}], api={"model": "gemini-9-imaginary"})
     for log_format in ("text", "json"):
@@ -229,21 +231,52 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 HOSTILE_REPLIES = {
-    "file URL": ({"reply_content": "![x](file:///etc/passwd)"}, {}, "bad_reference", "only http(s) and data: URIs"),
-    "javascript URL": ({"reply_content": "![x](javascript:alert(1))"}, {}, "bad_reference", "refused image reference"),
-    "data URI that is not an image": ({"reply_content": "![x](data:image/png;base64,aGVsbG8gd29ybGQ=)"}, {}, "bad_image", "not a usable image"),
+    "file URL": (
+        {"reply_content": "![x](file:///etc/passwd)"},
+        {},
+        "bad_reference",
+        "only http(s) and data: URIs",
+    ),
+    "javascript URL": (
+        {"reply_content": "![x](javascript:alert(1))"},
+        {},
+        "bad_reference",
+        "refused image reference",
+    ),
+    "data URI that is not an image": (
+        {"reply_content": "![x](data:image/png;base64,aGVsbG8gd29ybGQ=)"},
+        {},
+        "bad_image",
+        "not a usable image",
+    ),
     "larger than the download cap": ({}, {"download_max_mb": 0.001}, "too_large", "download cap"),
-    "image over our pixel limit": ({"image_bytes": png_header_only(8_000, 8_000)}, {}, "too_large", "8000x8000 pixels is over"),
-    "decompression bomb": ({"image_bytes": png_header_only(60_000, 60_000)}, {}, "too_large", "decompression bomb"),
-    "HTML served as the image": ({"image_bytes": b"<html>login</html>"}, {}, "bad_image", "not a usable image"),
-}  # fmt: skip
+    "image over our pixel limit": (
+        {"image_bytes": png_header_only(8_000, 8_000)},
+        {},
+        "too_large",
+        "8000x8000 pixels is over",
+    ),
+    "decompression bomb": (
+        {"image_bytes": png_header_only(60_000, 60_000)},
+        {},
+        "too_large",
+        "decompression bomb",
+    ),
+    "HTML served as the image": (
+        {"image_bytes": b"<html>login</html>"},
+        {},
+        "bad_image",
+        "not a usable image",
+    ),
+}
 
 
 @pytest.mark.parametrize(
     ("sim_knobs", "top", "kind", "message"), HOSTILE_REPLIES.values(), ids=HOSTILE_REPLIES.keys()
 )
-def test_hostile_replies_fail_the_item_clearly(sim_knobs: dict, top: dict, kind: str, message: str,
-                                               tmp_path: Path, sim: Simulator) -> None:  # fmt: skip
+def test_hostile_replies_fail_the_item_clearly(
+    sim_knobs: dict, top: dict, kind: str, message: str, tmp_path: Path, sim: Simulator
+) -> None:
     for name, value in sim_knobs.items():
         setattr(sim.config, name, value)
     manifest = write_manifest(

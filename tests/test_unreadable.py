@@ -61,9 +61,13 @@ MANIFESTS = {**MAKERS, "a control character": (_control_character, "character #x
 @pytest.mark.parametrize("command", ["validate", "run"])
 @pytest.mark.parametrize(("make", "expected"), MANIFESTS.values(), ids=MANIFESTS.keys())
 def test_unreadable_manifest(
-    make: Callable[[Path], None], expected: str, command: str, tmp_path: Path, sim: Simulator,
+    make: Callable[[Path], None],
+    expected: str,
+    command: str,
+    tmp_path: Path,
+    sim: Simulator,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     path = tmp_path / "job.yaml"
     make(path)
     assert run(command, path) == 2
@@ -90,9 +94,13 @@ PROMPT_FILES = {**MAKERS, "NUL bytes": (_nul_bytes, "contains NUL bytes on line 
 @pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
 @pytest.mark.parametrize(("make", "expected"), PROMPT_FILES.values(), ids=PROMPT_FILES.keys())
 def test_unreadable_prompts_file(
-    make: Callable[[Path], None], expected: str, suffix: str, tmp_path: Path, sim: Simulator,
+    make: Callable[[Path], None],
+    expected: str,
+    suffix: str,
+    tmp_path: Path,
+    sim: Simulator,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     prompts = tmp_path / f"prompts{suffix}"
     make(prompts)
     path = tmp_path / "job.yaml"

@@ -51,7 +51,10 @@ def _no_worker_outlives_its_test() -> Iterator[None]:
         process = STARTED.pop()
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def prompts(folder: Path, items: int) -> list[str]:
@@ -68,8 +71,10 @@ def worker(manifest: Path, sim: Simulator, *extra: str) -> subprocess.Popen[byte
     env = {**os.environ, "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY}
     process = subprocess.Popen(
         [PYTHON, "-m", "pipeline", "run", str(manifest), "--quiet", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     STARTED.append(process)
     return process
 
@@ -123,9 +128,13 @@ def assert_bucket_dataset(s3_url: str, s3_options: dict[str, str], items: int) -
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_three_workers_share_600_items_once_within_the_providers_concurrency(
-    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str],
+    tmp_path: Path,
+    sim: Simulator,
+    pg_url: str,
+    s3_url: str,
+    s3_options: dict[str, str],
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     sim.reset(SimConfig(key=KEY, latency_s=0.05, jitter_s=0.03, distinct_images=4))
     manifest = manifest_for(tmp_path)
     workers = [worker(manifest, sim, *where(pg_url, s3_url, s3_options)) for _ in range(3)]
@@ -167,9 +176,13 @@ def test_a_killed_worker_s_items_are_finished_by_the_others_after_its_lease(
 
 
 def test_status_report_and_export_read_an_s3_output(
-    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str],
+    tmp_path: Path,
+    sim: Simulator,
+    pg_url: str,
+    s3_url: str,
+    s3_options: dict[str, str],
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     manifest = manifest_for(tmp_path, 5)
     assert run("run", manifest, *where(pg_url, s3_url, s3_options)) == 0
     capsys.readouterr()
@@ -195,9 +208,12 @@ def test_the_s3_output_loads_with_datasets(
     # datasets 5 resolves `data_dir` as a local path; `data_files=<dir>/**` is what it stands for. It
     # streams a remote imagefolder (downloading it first loses the files' place beside metadata.jsonl).
     loaded = datasets.load_dataset(
-        "imagefolder", data_files={"train": f"{s3_url}/**"}, storage_options={"client_kwargs": s3_options},
-        split="train", streaming=True,
-    )  # fmt: skip
+        "imagefolder",
+        data_files={"train": f"{s3_url}/**"},
+        storage_options={"client_kwargs": s3_options},
+        split="train",
+        streaming=True,
+    )
     rows = list(loaded)
     assert sorted(row["prompt"] for row in rows) == sorted(prompts(tmp_path, 4))
     assert all(row["image"].size == (row["width"], row["height"]) for row in rows)
@@ -248,13 +264,28 @@ def test_ray_runs_three_workers_on_a_local_cluster_bound_to_loopback(
     sim.reset(SimConfig(key=KEY, latency_s=0.05, jitter_s=0.03, distinct_images=4))
     manifest = manifest_for(tmp_path)
     env = {
-        **os.environ, "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY,
-        "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path),  # Ray's auth token goes to ~/.ray
-    }  # fmt: skip
+        **os.environ,
+        "IMAGE_API_BASE_URL": sim.base_url,
+        "IMAGE_API_KEY": KEY,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HOME": str(tmp_path),  # Ray's auth token goes to ~/.ray
+    }
     process = subprocess.Popen(
-        [PYTHON, "-m", "pipeline", "run", str(manifest), "--ray", "--workers", "3", *where(pg_url, s3_url, s3_options)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            PYTHON,
+            "-m",
+            "pipeline",
+            "run",
+            str(manifest),
+            "--ray",
+            "--workers",
+            "3",
+            *where(pg_url, s3_url, s3_options),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     STARTED.append(process)
     seen: set[str] = set()
     while process.poll() is None:
@@ -280,11 +311,20 @@ def test_ray_refuses_many_workers_on_a_sqlite_state(
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_two_node_ray_cluster_takes_shared_outputs_and_refuses_a_local_one(
-    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str],
+    tmp_path: Path,
+    sim: Simulator,
+    pg_url: str,
+    s3_url: str,
+    s3_options: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    for name, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                        "HOME": str(tmp_path), "IMAGE_API_BASE_URL": sim.base_url, "IMAGE_API_KEY": KEY}.items():  # fmt: skip
+) -> None:
+    for name, value in {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "HOME": str(tmp_path),
+        "IMAGE_API_BASE_URL": sim.base_url,
+        "IMAGE_API_KEY": KEY,
+    }.items():
         monkeypatch.setenv(name, value)  # before Ray is imported: its nodes bind 127.0.0.1 only
     from ray.cluster_utils import Cluster
 
@@ -299,8 +339,11 @@ def test_a_two_node_ray_cluster_takes_shared_outputs_and_refuses_a_local_one(
         assert sim.stats.requests == 0
         shared = subprocess.run(
             [*command, "--workers", "2", *where(pg_url, s3_url, s3_options)],
-            capture_output=True, text=True, timeout=240, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
         assert shared.returncode == 0, shared.stderr
         assert generations(sim, tmp_path, 30) == [1] * 30
         assert_bucket_dataset(s3_url, s3_options, 30)
@@ -344,9 +387,13 @@ def test_credentials_in_storage_options_are_refused(
 
 
 def test_the_dry_run_of_a_shared_output_reads_its_state(
-    tmp_path: Path, sim: Simulator, pg_url: str, s3_url: str, s3_options: dict[str, str],
+    tmp_path: Path,
+    sim: Simulator,
+    pg_url: str,
+    s3_url: str,
+    s3_options: dict[str, str],
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     manifest = manifest_for(tmp_path, 4)
     assert run("run", manifest, *where(pg_url, s3_url, s3_options), "--dry-run", "--log-format", "json") == 0
     assert json.loads(capsys.readouterr().out)["new"] == 4

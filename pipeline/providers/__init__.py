@@ -20,7 +20,8 @@ from typing import Protocol as _Protocol
 
 import aiohttp
 
-from pipeline.manifest import Item, ProviderSpec
+from pipeline.item import Item
+from pipeline.manifest import ProviderSpec
 from pipeline.secret import Secret
 
 

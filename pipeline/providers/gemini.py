@@ -19,6 +19,7 @@ import aiohttp
 
 from pipeline.classify import (
     clip,
+    daily_cap,
     describe_body,
     gemini_retry_delay,
     no_image,
@@ -27,7 +28,8 @@ from pipeline.classify import (
 )
 from pipeline.errors import FatalError, ItemError, PermanentError, RefusalError, RetryableError
 from pipeline.extract import extract_images
-from pipeline.manifest import MAX_REFERENCE_BYTES, Item, ProviderSpec
+from pipeline.item import Item
+from pipeline.manifest import MAX_REFERENCE_BYTES, ProviderSpec
 from pipeline.providers import Generated
 from pipeline.providers.http import request_timeout, send
 from pipeline.secret import Secret
@@ -54,9 +56,10 @@ def classify_gemini(
     """Images found (as data: URIs), or the error this native reply amounts to (section 2)."""
     text = body.decode("utf-8", "replace").strip()
     data = parse_json(text)
-    retry_after = parse_retry_after(headers.get("retry-after"), now or datetime.now(UTC))
+    now = now or datetime.now(UTC)
+    retry_after = parse_retry_after(headers.get("retry-after"), now)
     if status != 200 or not isinstance(data, dict) or isinstance(data.get("error"), dict):
-        return error_of(status, data, retry_after, text)
+        return daily_cap(error_of(status, data, retry_after, text), headers, text, now)
     return judge(data)
 
 
@@ -111,7 +114,7 @@ def _from_error(status: int, error: dict[str, Any], retry_after: float | None) -
         return FatalError(message)
     if effective == 429:  # with RetryInfo a per-minute quota; without, the credits or the quota are gone
         if delay is None:
-            return FatalError(f"quota exhausted: {message}")
+            return FatalError(f"quota exhausted: {message}", kind="quota")
         return RetryableError(message, retry_after=delay, kind="rate_limited")
     return _from_status(effective, message, delay)
 

@@ -37,9 +37,11 @@ class BatchClient:
         """Upload a file; its name (`files/<id>`)."""
         size = (await aiofiles.os.stat(path)).st_size
         headers = {
-            "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
-            "X-Goog-Upload-Header-Content-Length": str(size), "X-Goog-Upload-Header-Content-Type": "jsonl",
-        }  # fmt: skip
+            "X-Goog-Upload-Protocol": "resumable",
+            "X-Goog-Upload-Command": "start",
+            "X-Goog-Upload-Header-Content-Length": str(size),
+            "X-Goog-Upload-Header-Content-Type": "jsonl",
+        }
         body = {"file": {"display_name": display_name}}
         _, reply_headers = await self._call("POST", f"/upload/{API}/files", body, headers)
         url = reply_headers.get("x-goog-upload-url")

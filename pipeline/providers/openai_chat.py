@@ -17,7 +17,8 @@ import aiohttp
 
 from pipeline.classify import classify, classify_data, rate_headers
 from pipeline.errors import ItemError, NoImageError, RetryableError
-from pipeline.manifest import Item, ProviderSpec
+from pipeline.item import Item
+from pipeline.manifest import ProviderSpec
 from pipeline.providers import Generated
 from pipeline.providers.http import request_timeout, send
 from pipeline.secret import Secret

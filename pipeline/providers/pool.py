@@ -6,10 +6,19 @@ priorities, the one with the most room. Lower priorities are used only while the
 full, throttled or down. Nothing is assigned in advance: an item waits for whichever provider frees
 first, so a slow provider never holds work the others could take.
 
-Failover: an answer that is fatal for a provider (bad key, no quota, the same permanent error on ten
-items in a row) disables that provider for the rest of the run and the item goes to another at
-once (such a refusal is not billed); only when none is left is it fatal for the run. A provider whose
-requests fail in a row is taken out by its circuit breaker for a cool-down.
+Failover: an answer that is fatal for a provider (bad key, no quota, a daily cap) disables that
+provider for the rest of the run and the item goes to another at once (such a refusal is not
+billed). A provider whose requests fail in a row is taken out by its circuit breaker for a
+cool-down; one that has had no success for `max_outage_s` while its requests failed (5xx, timeouts,
+resets, 429s: counted from its last success, or its first request after it, pauses included) is down
+for the rest of the run. When no provider is left, `NoProviderLeft` says whether that is temporary
+(one is down: try later) or not; every item stays as it was.
+
+Suspects: a plain permanent error (a 400) may be the item's or the provider's (a model name the
+relay does not know answers every item alike). The pool raises `Suspect` instead, and reports a
+verdict on the provider's streak through `on_verdict`: the item's own fault once that provider
+answers anything else, the provider's once the same error reaches `SAME_ERROR_STOP` items in a row
+(it is then disabled) or the provider is taken out otherwise. The runner records or requeues.
 
 Each provider's figures (requests, images, refusals, errors by kind, cost) are kept for the summary.
 """
@@ -27,15 +36,26 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 
-from pipeline.errors import FatalError, ItemError, PermanentError, RefusalError
-from pipeline.manifest import Item, ProviderSpec
+from pipeline.errors import ItemError, NoProviderLeft, PipelineError, RefusalError
+from pipeline.events import EventKind
+from pipeline.item import Item
+from pipeline.manifest import ProviderSpec
 from pipeline.presets import list_price
 from pipeline.providers import Client, Generated
 from pipeline.providers.controller import Breaker, Controller
+from pipeline.retry import Verdict, for_provider
 
-SAME_ERROR_STOP = 10  # this many items in a row failing with one permanent error: a configuration problem
-TRANSIENT = frozenset({"network", "timeout", "server_error"})  # what the circuit breaker counts
 RATE_POLL_S = 0.05  # how often a provider held back by its requests_per_minute is looked at again
+
+
+class Suspect(PipelineError):
+    """An item met a plain permanent error whose fault is not known yet: its provider's verdict comes
+    through the pool's `on_verdict`."""
+
+    def __init__(self, error: ItemError, provider: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.provider = provider
 
 
 @dataclass
@@ -46,12 +66,18 @@ class ProviderStats:
     errors: Counter[str] = field(default_factory=Counter)
     cost_usd: float = 0.0
     disabled: str | None = None  # why the provider was taken out for the rest of the run
+    down: bool = False  # taken out by an outage (it may come back later), not by its answers
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "requests": self.requests, "images": self.images, "refusals": self.refusals,
-            "errors": dict(self.errors), "cost_usd": round(self.cost_usd, 4), "disabled": self.disabled,
-        }  # fmt: skip
+            "requests": self.requests,
+            "images": self.images,
+            "refusals": self.refusals,
+            "errors": dict(self.errors),
+            "cost_usd": round(self.cost_usd, 4),
+            "disabled": self.disabled,
+            "down": self.down,
+        }
 
 
 class Member:
@@ -65,8 +91,10 @@ class Member:
         self.breaker = Breaker()
         self.rate = AsyncLimiter(1, 60.0 / spec.requests_per_minute) if spec.requests_per_minute else None
         self.stats = ProviderStats()
-        self.repeated: tuple[str, int] = ("", 0)  # the last permanent error, and items in a row
+        self.streak: tuple[str, int] = ("", 0)  # the last plain permanent error, and items in a row
         self.share: int | None = None  # this worker's part of `concurrency`, when workers share it
+        self.outage_from: float | None = None  # its first request since its last success
+        self.last_error = ""  # since then, when one failed
         self._workers = 1  # the workers its requests_per_minute is split among
 
     def take_share(self, share: int, workers: int) -> None:
@@ -90,23 +118,40 @@ class Member:
         room = self.controller.room(now)
         return room if self.share is None else min(room, self.share - self.controller.in_flight)
 
-    def wakes_at(self, now: float) -> float | None:
-        """When this provider may have room again without a request finishing, if it is waiting."""
+    def wakes_at(self, now: float, max_outage_s: float) -> float | None:
+        """When this provider may have room again without a request finishing, or is to be declared
+        down, if it is waiting."""
         times = [t for t in (self.controller.wakes_at(), self.breaker.open_until) if t > now]
         if self.rate is not None and not self.rate.has_capacity():
             times.append(now + RATE_POLL_S)
+        if self.last_error and self.outage_from is not None:
+            times.append(max(now, self.outage_from + max_outage_s))
         return min(times) if times else None
+
+    def is_down(self, now: float, max_outage_s: float) -> bool:
+        """No success for `max_outage_s` while its requests failed."""
+        return (
+            bool(self.last_error) and self.outage_from is not None and now - self.outage_from >= max_outage_s
+        )
 
 
 class Pool:
     def __init__(
-        self, members: list[Member], limit: int, on_event: Callable[[str, str, str], None] = lambda *_: None
+        self,
+        members: list[Member],
+        limit: int,
+        on_event: Callable[[EventKind, str, str], None] = lambda *_: None,
+        *,
+        max_outage_s: float = 600.0,
+        on_verdict: Callable[[str, bool], None] = lambda *_: None,
     ) -> None:
         self.members = members
         self._limit = limit  # generation requests in flight over the whole pool
         self._in_flight = 0
         self._changed = asyncio.Condition()
         self._on_event = on_event  # (kind, provider, message): provider_disabled, provider_down
+        self._on_verdict = on_verdict  # (provider, its fault): the end of a provider's streak of suspects
+        self._max_outage_s = max_outage_s
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {m.name: m.stats.as_dict() for m in self.members}
@@ -125,8 +170,8 @@ class Pool:
 
     async def generate(self, item: Item, gate: Callable[[], bool]) -> tuple[Generated, str] | None:
         """One generation on the best provider: its reply and the provider's name. `gate()` is asked
-        right before sending (False: send nothing, return None). Raises the item's ItemError, or
-        FatalError when no provider is left."""
+        right before sending (False: send nothing, return None). Raises the item's ItemError, a
+        `Suspect`, or NoProviderLeft."""
         while True:
             member, level = await self._acquire()
             try:
@@ -135,12 +180,9 @@ class Pool:
                 member.stats.requests += 1
                 try:
                     result = await member.client.generate(item)
-                except FatalError as exc:
-                    member.stats.errors[exc.kind] += 1
-                    self._disable(member, exc.message)
-                    continue
                 except ItemError as exc:
-                    self._failed(member, exc, level)
+                    if self._failed(member, exc, level) is Verdict.DISABLE:
+                        continue  # the provider's fault: another provider, or NoProviderLeft
                     raise
                 self._succeeded(member, item, result, level)
                 return result, member.name
@@ -151,10 +193,12 @@ class Pool:
         async with self._changed:
             while True:
                 now = time.monotonic()
+                self._declare_outages(now)
                 live = [m for m in self.members if not m.stats.disabled]
                 if not live:
                     reasons = "; ".join(f"{m.name}: {m.stats.disabled}" for m in self.members)
-                    raise FatalError(f"no provider left ({reasons})")
+                    temporary = any(m.stats.down for m in self.members)
+                    raise NoProviderLeft(f"no provider left ({reasons})", temporary=temporary)
                 rooms = [(m, m.room(now)) for m in live]
                 ready = [(m, room) for m, room in rooms if room > 0]
                 if ready and self._in_flight < self._limit:
@@ -162,14 +206,27 @@ class Pool:
                     if member.rate is not None:
                         await member.rate.acquire()
                     self._in_flight += 1
+                    if member.outage_from is None:
+                        member.outage_from = time.monotonic()
                     return member, member.controller.sent()
-                wakes = [t for t in (m.wakes_at(now) for m in live) if t is not None]
+                wakes = [t for t in (m.wakes_at(now, self._max_outage_s) for m in live) if t is not None]
                 timeout = max(0.0, min(wakes) - now) if wakes else None
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
                 # meets a wake-up, and this loop would then wait for ever.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._changed.wait()
+
+    def _declare_outages(self, now: float) -> None:
+        for member in self.members:
+            if not member.stats.disabled and member.is_down(now, self._max_outage_s):
+                assert member.outage_from is not None
+                member.stats.down = True
+                self._disable(
+                    member,
+                    f"down: no success for {now - member.outage_from:.0f} s (max_outage_s"
+                    f" {self._max_outage_s:g}); last error: {member.last_error}",
+                )
 
     async def _release(self, member: Member) -> None:
         async with self._changed:
@@ -180,40 +237,55 @@ class Pool:
     def _succeeded(self, member: Member, item: Item, result: Generated, level: int) -> None:
         member.controller.succeeded(level, result.remaining, result.reset_s)
         member.breaker.succeeded()
-        member.repeated = ("", 0)
+        member.outage_from, member.last_error = None, ""
+        self._end_streak(member, provider_fault=False)
         member.stats.images += 1
         member.stats.cost_usd += (
             member.price if member.price is not None else list_price(item.model, item.image_size)
         )
 
-    def _failed(self, member: Member, exc: ItemError, level: int) -> None:
+    def _failed(self, member: Member, exc: ItemError, level: int) -> Verdict:
+        """Counts the failure against its provider; raises Suspect for a plain permanent error whose
+        fault is not known yet."""
         member.stats.errors[exc.kind] += 1
-        if isinstance(exc, RefusalError):
-            member.stats.refusals += 1
-        if exc.kind == "rate_limited":
+        if member.stats.disabled:  # sent before it was taken out: the item goes elsewhere
+            return Verdict.DISABLE
+        key = re.sub(r"\(request id: [^)]*\)", "", exc.message)
+        same = member.streak[1] if member.streak[0] == key else 0
+        verdict = for_provider(exc, same)
+        if verdict is Verdict.THROTTLED:
             member.controller.throttled(level, exc.retry_after)
-        elif exc.kind in TRANSIENT:
+        elif verdict is Verdict.FAILING:
             cooldown = member.breaker.failed()
             if cooldown is not None:
                 self._on_event(
-                    "provider_down", member.name, f"failing ({exc.message}): out for {cooldown:g} s"
+                    EventKind.PROVIDER_DOWN, member.name, f"failing ({exc.message}): out for {cooldown:g} s"
                 )
         else:
             member.breaker.succeeded()  # it answered: alive
-        if type(exc) is PermanentError:
-            self._count_repeats(member, exc.message)
+        if verdict in (Verdict.THROTTLED, Verdict.FAILING):
+            member.last_error = exc.message
+        elif verdict is Verdict.DISABLE:
+            text = f"the same error on {same + 1} items in a row: {exc.message}" if same else exc.message
+            self._disable(member, text)
+        elif verdict is Verdict.SUSPECT:
+            if same == 0:
+                self._end_streak(member, provider_fault=False)  # another error: the last streak was theirs
+            member.streak = (key, same + 1)
+            raise Suspect(exc, member.name)
         else:
-            member.repeated = ("", 0)
+            if isinstance(exc, RefusalError):
+                member.stats.refusals += 1
+            self._end_streak(member, provider_fault=False)
+        return verdict
 
-    def _count_repeats(self, member: Member, message: str) -> None:
-        """The same permanent error on item after item means a bad configuration: stop paying for it."""
-        key = re.sub(r"\(request id: [^)]*\)", "", message)
-        count = member.repeated[1] + 1 if member.repeated[0] == key else 1
-        member.repeated = (key, count)
-        if count >= SAME_ERROR_STOP:
-            self._disable(member, f"the same error on {count} items in a row: {message}")
+    def _end_streak(self, member: Member, provider_fault: bool) -> None:
+        if member.streak[1]:
+            member.streak = ("", 0)
+            self._on_verdict(member.name, provider_fault)
 
     def _disable(self, member: Member, reason: str) -> None:
         if member.stats.disabled is None:
             member.stats.disabled = reason
-            self._on_event("provider_disabled", member.name, reason)
+            self._end_streak(member, provider_fault=True)
+            self._on_event(EventKind.PROVIDER_DISABLED, member.name, reason)

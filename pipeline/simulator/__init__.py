@@ -86,6 +86,10 @@ class SimConfig:
     quota_exhausted: bool = False  # every request: 429 insufficient_quota
     echo_auth: bool = False  # 400 errors quote the Authorization header back, as careless gateways do
     storm: tuple[float, float] | None = None  # every request 429s in this window (s after the first)
+    outage_s: float = 0.0  # every generation answers 503 "no available channel" for this long after the first
+    # A fixed reply for each prompt that contains a word: (word, status, headers, body). Status 0 drops
+    # the connection; a body is sent as it is (HTML pages, JSON errors).
+    replies: tuple[tuple[str, int, tuple[tuple[str, str], ...], str], ...] = ()
     max_in_flight: int = 0  # a hidden cap: 429 (no Retry-After) while more requests than this are in flight
     quota: int = 0  # at most this many requests per sliding `quota_window_s`; 429 with Retry-After/RetryInfo
     quota_window_s: float = 60.0
@@ -120,6 +124,7 @@ class SimStats:
     key_in_url: int = 0  # native requests that carried the key as ?key= (the client never should)
     window: int = 100_000
     first_request_at: float | None = None  # time.monotonic() of the first request
+    log: deque[tuple[float, str, int]] = field(init=False)  # (received at, prompt, status) of each request
     # The newest `window` of each (a long `pipeline simulate` session stays bounded):
     prompts: Counter[str] = field(init=False)  # generations per prompt
     request_times: deque[float] = field(init=False)
@@ -128,6 +133,7 @@ class SimStats:
 
     def __post_init__(self) -> None:
         self.prompts = BoundedCounter(self.window)
+        self.log = deque(maxlen=self.window)
         self.request_times = deque(maxlen=self.window)
         self.reference_images = deque(maxlen=self.window)
         self.pings = deque(maxlen=self.window)
@@ -208,28 +214,24 @@ class Simulator:
             stats.first_request_at = stats.request_times[-1]
         stats.in_flight += 1
         stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        prompt: list[str] = []  # the prompt, once read
         try:
-            response = await self._answer(request, wire)
+            response = await self._answer(request, wire, prompt)
         finally:
             stats.in_flight -= 1
         stats.statuses[response.status] += 1
+        stats.log.append((stats.request_times[-1], "".join(prompt), response.status))
         return response
 
-    async def _answer(self, request: web.Request, wire: Wire) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, wire: Wire, said: list[str]) -> web.StreamResponse:
         c = self.config
         if "key" in request.query:
             self.stats.key_in_url += 1
         if not wire.authorized(request, c.key):
             return wire.unauthorized(request)
-        if c.max_in_flight and self.stats.in_flight > c.max_in_flight:
-            self.stats.faults["over_cap"] += 1
-            return wire.throttled(None)
-        if c.quota_exhausted:
-            return wire.quota_exhausted()
-        wait, rate_headers = self._quota()
-        if wait is not None:
-            self.stats.faults["over_quota"] += 1
-            return wire.throttled(wait)
+        refused, rate_headers = self._over_limits(wire)
+        if refused is not None:
+            return refused
         try:
             body = await request.json()
             asked = wire.parse(body)
@@ -237,6 +239,10 @@ class Simulator:
             echo = f" (sent with {request.headers.get('Authorization')})" if c.echo_auth else ""
             return wire.bad_request(f"{exc}{echo}")
         prompt, ratio, inputs = asked.prompt, asked.aspect_ratio, asked.inputs
+        said.append(prompt)
+        staged = self._staged(request, prompt)
+        if staged is not None:
+            return staged
         nth = self._asked[f"{prompt}\x1f{ratio}"]
         self._asked[f"{prompt}\x1f{ratio}"] += 1
         rng = random.Random(f"{c.seed}\x1f{prompt}\x1f{ratio}\x1f{nth}")
@@ -275,6 +281,40 @@ class Simulator:
         response = await _send(request, self._image_reply(size, token, expires), stream)
         response.headers.update(rate_headers)
         return response
+
+    def _over_limits(self, wire: Wire) -> tuple[web.Response | None, dict[str, str]]:
+        """A refusal for a request over the hidden cap or the quota (or with no quota left); else
+        the rate-limit headers of one let through."""
+        c = self.config
+        if c.max_in_flight and self.stats.in_flight > c.max_in_flight:
+            self.stats.faults["over_cap"] += 1
+            return wire.throttled(None), {}
+        if c.quota_exhausted:
+            return wire.quota_exhausted(), {}
+        wait, rate_headers = self._quota()
+        if wait is not None:
+            self.stats.faults["over_quota"] += 1
+            return wire.throttled(wait), {}
+        return None, rate_headers
+
+    def _staged(self, request: web.Request, prompt: str) -> web.StreamResponse | None:
+        """A failure the test staged: an outage window, or a scripted reply."""
+        c = self.config
+        first = self.stats.first_request_at
+        if c.outage_s and first is not None and time.monotonic() - first < c.outage_s:
+            self.stats.faults["outage"] += 1
+            return web.json_response(
+                {"error": {"message": "no available channel", "type": "new_api_error"}}, status=503
+            )
+        for word, status, headers, body in c.replies:
+            if word in prompt:
+                self.stats.faults[f"scripted_{status}"] += 1
+                if status == 0:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return web.Response(status=499)
+                return web.Response(status=status, headers=dict(headers), text=body)
+        return None
 
     def _batch_answer(self, model: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
         """One line of a batch job's results: the same generation as online, without the wire."""
@@ -342,10 +382,16 @@ class Simulator:
         c = self.config
         roll = rng.random()
         for name, rate in (
-            ("reset", c.rate_reset), ("429", c.rate_429), ("429ra", c.rate_429_retry_after),
-            ("500", c.rate_500), ("refusal", c.rate_refusal), ("error200", c.rate_error200),
-            ("no_image", c.rate_no_image), ("expired", c.rate_expired), ("hang", c.rate_hang),
-        ):  # fmt: skip
+            ("reset", c.rate_reset),
+            ("429", c.rate_429),
+            ("429ra", c.rate_429_retry_after),
+            ("500", c.rate_500),
+            ("refusal", c.rate_refusal),
+            ("error200", c.rate_error200),
+            ("no_image", c.rate_no_image),
+            ("expired", c.rate_expired),
+            ("hang", c.rate_hang),
+        ):
             if roll < rate:
                 return name
             roll -= rate

@@ -48,15 +48,23 @@ class SimBatch:
     output: dict[str, Any] | None = None
 
     def resource(self) -> dict[str, Any]:
-        done = self.state in ("BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
-                              "BATCH_STATE_EXPIRED")  # fmt: skip
+        done = self.state in (
+            "BATCH_STATE_SUCCEEDED",
+            "BATCH_STATE_FAILED",
+            "BATCH_STATE_CANCELLED",
+            "BATCH_STATE_EXPIRED",
+        )
         metadata: dict[str, Any] = {
             "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
-            "model": f"models/{self.model}", "displayName": self.display_name, "state": self.state,
+            "model": f"models/{self.model}",
+            "displayName": self.display_name,
+            "state": self.state,
             "createTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
-            "batchStats": {"requestCount": str(self.count),
-                           "pendingRequestCount": str(0 if done else self.count)},
-        }  # fmt: skip
+            "batchStats": {
+                "requestCount": str(self.count),
+                "pendingRequestCount": str(0 if done else self.count),
+            },
+        }
         if self.input_file:
             metadata["inputConfig"] = {"fileName": self.input_file}
         body: dict[str, Any] = {"name": self.name, "metadata": metadata}
@@ -141,8 +149,11 @@ class BatchService:
         body = await request.json() if request.can_read_body else {}
         meta = body.get("file") or {}
         ident = secrets.token_hex(6)
-        file = SimFile(f"files/{ident}", str(meta.get("display_name") or meta.get("displayName") or ""),
-                       self._folder / ident)  # fmt: skip
+        file = SimFile(
+            f"files/{ident}",
+            str(meta.get("display_name") or meta.get("displayName") or ""),
+            self._folder / ident,
+        )
         file.path.write_bytes(b"")
         token = secrets.token_hex(16)
         self._uploads[token] = file
@@ -174,8 +185,14 @@ class BatchService:
 
     def _file_resource(self, file: SimFile) -> dict[str, Any]:
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 48 * 3600))
-        return {"name": file.name, "displayName": file.display_name, "mimeType": file.mime,
-                "sizeBytes": str(file.size), "state": "ACTIVE", "expirationTime": expires}  # fmt: skip
+        return {
+            "name": file.name,
+            "displayName": file.display_name,
+            "mimeType": file.mime,
+            "sizeBytes": str(file.size),
+            "state": "ACTIVE",
+            "expirationTime": expires,
+        }
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._denied(request)) is not None:
@@ -219,8 +236,13 @@ class BatchService:
         if file_name is not None and file_name not in self.files:
             return _error(404, "NOT_FOUND", f"{file_name} not found")
         ident = secrets.token_hex(12)
-        batch = SimBatch(f"batches/{ident}", str(body.get("displayName") or body.get("display_name") or ""),
-                         model, file_name, inline)  # fmt: skip
+        batch = SimBatch(
+            f"batches/{ident}",
+            str(body.get("displayName") or body.get("display_name") or ""),
+            model,
+            file_name,
+            inline,
+        )
         batch.count = len(inline) if inline is not None else _count_lines(self.files[str(file_name)].path)
         batch.serial, self._created = self._created, self._created + 1
         self.batches[batch.name] = batch

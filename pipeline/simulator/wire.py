@@ -101,9 +101,18 @@ def _parse_native(model: str, body: Any) -> _Asked:
 
 
 NATIVE_FIELDS = {
-    "contents", "generationConfig", "generation_config", "safetySettings", "safety_settings",
-    "systemInstruction", "system_instruction", "tools", "toolConfig", "tool_config", "cachedContent",
-}  # fmt: skip
+    "contents",
+    "generationConfig",
+    "generation_config",
+    "safetySettings",
+    "safety_settings",
+    "systemInstruction",
+    "system_instruction",
+    "tools",
+    "toolConfig",
+    "tool_config",
+    "cachedContent",
+}
 
 
 def _lenient_base64(data: str) -> bytes:
@@ -173,9 +182,11 @@ class NativeWire:
 
     def throttled(self, wait: float | None) -> web.Response:
         details = [
-            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-             "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel"}]},
-        ]  # fmt: skip
+            {
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel"}],
+            },
+        ]
         if wait is not None:
             details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:g}s"})
         return _google_error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota.", details)
@@ -238,11 +249,18 @@ def _completion(
     now = int(time.time())
     body = message if isinstance(message, dict) else {"content": message}
     return {
-        "id": f"gemini-{now}", "object": "chat.completion.chunk" if delta else "chat.completion",
-        "created": now, "model": "gemini-2.5-flash-image",
-        "choices": [{"index": 0, "finish_reason": finish_reason,
-                     "delta" if delta else "message": {"role": "assistant", **body}}],
-    }  # fmt: skip
+        "id": f"gemini-{now}",
+        "object": "chat.completion.chunk" if delta else "chat.completion",
+        "created": now,
+        "model": "gemini-2.5-flash-image",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": finish_reason,
+                "delta" if delta else "message": {"role": "assistant", **body},
+            }
+        ],
+    }
 
 
 def _split_message(message: dict[str, Any]) -> list[dict[str, Any]]:

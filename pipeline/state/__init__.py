@@ -9,36 +9,28 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pipeline.errors import ManifestError
+from pipeline.locations import check_state_url, is_postgres
 from pipeline.state.base import OPEN_STAGES, BatchRow, Row, State
 from pipeline.state.sqlite import SqliteState
 
 __all__ = [
-    "DATABASE_ERRORS", "OPEN_STAGES", "BatchRow", "Row", "SqliteState", "State", "open_state", "sqlite_path",
-]  # fmt: skip
-
-POSTGRES_SCHEMES = ("postgresql", "postgres")
-
+    "DATABASE_ERRORS",
+    "OPEN_STAGES",
+    "BatchRow",
+    "Row",
+    "SqliteState",
+    "State",
+    "check_state_url",
+    "is_postgres",
+    "open_state",
+    "sqlite_path",
+]
 
 # A state that cannot be read or written: the run stops (exit 74). The PostgreSQL backend raises
 # StorageError itself, so psycopg is imported only by a run that uses it.
 DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
-
-
-def is_postgres(url: str | None) -> bool:
-    return url is not None and urlsplit(url).scheme in POSTGRES_SCHEMES
-
-
-def check_state_url(url: str) -> str | None:
-    """What is wrong with a state URL, if anything (without repeating a password in it)."""
-    if not is_postgres(url):
-        return None if "://" not in url else "must be postgresql://... or the path of a SQLite file"
-    parts = urlsplit(url)
-    if parts.password is not None or "password=" in parts.query:
-        return "holds a password: put it in PGPASSWORD or ~/.pgpass (libpq reads both), not in the URL"
-    return None
 
 
 def sqlite_path(url: str | None, output: str, folder: Path | None) -> Path:
@@ -46,10 +38,12 @@ def sqlite_path(url: str | None, output: str, folder: Path | None) -> Path:
     if url:
         return Path(url)
     if folder is None:
-        raise ManifestError([
-            f"output {output}: an object-store output needs a state URL: --state postgresql://...,"
-            " or the path of a SQLite file for a single worker"
-        ])  # fmt: skip
+        raise ManifestError(
+            [
+                f"output {output}: an object-store output needs a state URL: --state postgresql://...,"
+                " or the path of a SQLite file for a single worker"
+            ]
+        )
     return folder / "state.db"
 
 

@@ -22,10 +22,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.manifest import Item
+from pipeline.item import Item, Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,23 +157,46 @@ class State:
         )
 
     def record_generated(self, item: Item, url: str | None, attempts: int, provider: str) -> None:
-        self._write(item, {
-            "status": "url", "url": url, "url_at": time.time(), "attempts": attempts,
-            "error_type": None, "message": None, "provider": provider,
-        })  # fmt: skip
+        self._write(
+            item,
+            {
+                "status": Status.URL,
+                "url": url,
+                "url_at": time.time(),
+                "attempts": attempts,
+                "error_type": None,
+                "message": None,
+                "provider": provider,
+            },
+        )
 
     def record_done(self, item: Item, metadata: dict[str, Any]) -> None:
-        self._write(item, {
-            "status": "done", "url": None, "url_at": None, "error_type": None, "message": None,
-            "image": json.dumps(metadata, ensure_ascii=False), "image_fp": item.fingerprint,
-            "file": metadata["file_name"],
-        })  # fmt: skip
+        self._write(
+            item,
+            {
+                "status": Status.DONE,
+                "url": None,
+                "url_at": None,
+                "error_type": None,
+                "message": None,
+                "image": json.dumps(metadata, ensure_ascii=False),
+                "image_fp": item.fingerprint,
+                "file": metadata["file_name"],
+            },
+        )
 
     def record_failed(self, item: Item, error_type: str, message: str, attempts: int) -> None:
-        self._write(item, {
-            "status": "failed", "url": None, "url_at": None, "attempts": attempts,
-            "error_type": error_type, "message": message,
-        })  # fmt: skip
+        self._write(
+            item,
+            {
+                "status": Status.FAILED,
+                "url": None,
+                "url_at": None,
+                "attempts": attempts,
+                "error_type": error_type,
+                "message": message,
+            },
+        )
 
     def images(self) -> Iterator[str]:
         """The metadata.jsonl rows: one JSON object per stored image."""
@@ -188,9 +210,13 @@ class State:
         )
         for ident, idx, prompt, error_type, message, attempts in rows:
             yield {
-                "id": ident, "index": idx, "prompt": prompt, "error_type": error_type,
-                "message": message, "attempts": attempts,
-            }  # fmt: skip
+                "id": ident,
+                "index": idx,
+                "prompt": prompt,
+                "error_type": error_type,
+                "message": message,
+                "attempts": attempts,
+            }
 
     def counts(self) -> dict[str, Any]:
         """Items by status (and failed items by reason), for `pipeline status`."""
@@ -200,10 +226,10 @@ class State:
         )
         return {
             "items": sum(by_status.values()),
-            "done": by_status.get("done", 0),
-            "failed": by_status.get("failed", 0),
-            "in_progress": by_status.get("url", 0),
-            "pending": by_status.get("new", 0),
+            "done": by_status.get(Status.DONE, 0),
+            "failed": by_status.get(Status.FAILED, 0),
+            "in_progress": by_status.get(Status.URL, 0),
+            "pending": by_status.get(Status.NEW, 0),
             "failed_by_reason": reasons,
         }
 
@@ -236,9 +262,12 @@ class State:
             return None
         run, started, ended, code, summary = found
         return {
-            "run": run, "started_at": _iso(started), "ended_at": _iso(ended), "exit_code": code,
+            "run": run,
+            "started_at": _iso(started),
+            "ended_at": _iso(ended),
+            "exit_code": code,
             "summary": json.loads(summary) if summary else None,
-        }  # fmt: skip
+        }
 
     def start_run(self) -> int:
         return int(
@@ -289,11 +318,19 @@ class State:
             return []  # a state written before batch mode existed, read as it is
         now = time.time()
         return [
-            {"display_name": b.display_name, "name": b.name, "provider": b.provider, "stage": b.stage,
-             "remote_state": b.remote_state, "items": b.items, "done": b.done, "failed": b.failed,
-             "age_s": round(now - b.created_at)}
+            {
+                "display_name": b.display_name,
+                "name": b.name,
+                "provider": b.provider,
+                "stage": b.stage,
+                "remote_state": b.remote_state,
+                "items": b.items,
+                "done": b.done,
+                "failed": b.failed,
+                "age_s": round(now - b.created_at),
+            }
             for b in self.batches()
-        ]  # fmt: skip
+        ]
 
     def batch_count(self) -> int:
         return int(self._x("SELECT count(*) FROM batches").fetchone()[0])

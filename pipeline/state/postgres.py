@@ -27,15 +27,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
 from pipeline.errors import LeaseLost, ManifestError, StorageError
+from pipeline.item import Item, Status
 from pipeline.state.base import ROW, Row, State
-
-if TYPE_CHECKING:
-    from pipeline.manifest import Item
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -124,10 +122,12 @@ class PostgresState(State):
         if found is None and create:
             self._x("INSERT INTO meta VALUES ('output', ?)", (output,))
         elif found is not None and found[0] != output:
-            raise ManifestError([
-                f"state {_where(self._db)}: holds the output {found[0]}, not {output}"
-                " (use one database, or schema, per output)"
-            ])  # fmt: skip
+            raise ManifestError(
+                [
+                    f"state {_where(self._db)}: holds the output {found[0]}, not {output}"
+                    " (use one database, or schema, per output)"
+                ]
+            )
 
     def _stream(self, query: str, params: Iterable[Any] = ()) -> Iterator[tuple[Any, ...]]:
         with self._database(), self._db.cursor(name=f"stream_{uuid.uuid4().hex[:8]}") as cursor:
@@ -236,7 +236,7 @@ class PostgresState(State):
 
     def _write(self, item: Item, fields: dict[str, Any]) -> None:
         """A fenced update: only while this worker holds the item's lease (items are seeded)."""
-        settled = fields["status"] in ("done", "failed")
+        settled = fields["status"] in (Status.DONE, Status.FAILED)
         fields |= {"fp": item.fingerprint, "prompt": item.prompt, "updated_at": time.time()}
         if settled:
             fields |= {"lease_owner": None, "lease_until": None}
@@ -301,10 +301,16 @@ class PostgresState(State):
         ).fetchall()
         self.commit()
         return [
-            {"worker": w, "host": host, "pid": pid, "age_s": round(age), "heartbeat_s": round(beat, 1),
-             "leases": leases}
+            {
+                "worker": w,
+                "host": host,
+                "pid": pid,
+                "age_s": round(age),
+                "heartbeat_s": round(beat, 1),
+                "leases": leases,
+            }
             for w, host, pid, age, beat, leases in rows
-        ]  # fmt: skip
+        ]
 
 
 def _where(db: psycopg.Connection[Any]) -> str:

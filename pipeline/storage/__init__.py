@@ -14,23 +14,9 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pipeline.errors import ManifestError
+from pipeline.locations import credentials_in, is_local, local_path
 
-LOCAL_SCHEMES = ("", "file")
-CREDENTIAL_WORDS = ("secret", "password", "token", "credential", "sas", "connection_string")
-CREDENTIAL_NAMES = {"key", "account_key", "aws_access_key_id"}
-
-
-def credentials_in(options: Mapping[str, Any]) -> list[str]:
-    """The names in `options` (at any depth, dotted) that hold credentials: those come from the
-    environment, or the store's own config files and roles."""
-    found = []
-    for name, value in options.items():
-        lowered = str(name).lower()
-        if lowered in CREDENTIAL_NAMES or any(word in lowered for word in CREDENTIAL_WORDS):
-            found.append(str(name))
-        elif isinstance(value, Mapping):
-            found += [f"{name}.{inner}" for inner in credentials_in(value)]
-    return found
+__all__ = ["Store", "credentials_in", "is_local", "local_path", "open_store"]
 
 
 class Store(Protocol):
@@ -62,19 +48,6 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def is_local(url: str) -> bool:
-    return _scheme(url) in LOCAL_SCHEMES
-
-
-def _scheme(url: str) -> str:
-    head, sep, _ = url.partition("://")
-    return head.lower() if sep and head.isalnum() and len(head) > 1 else ""
-
-
-def local_path(url: str) -> Path:
-    return Path(url.removeprefix("file://")) if _scheme(url) == "file" else Path(url)
 
 
 def open_store(url: str, options: Mapping[str, Any], spool_name: str = "") -> Store:

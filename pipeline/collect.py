@@ -1,0 +1,74 @@
+"""A batch job's results, several lines at a time: each line read, decoded, verified and spooled in a
+worker process, so collection uses every core (a line is 1-2 MB of base64 and a full image decode).
+
+The worker gets where the line is in the results file (not its bytes: nothing large crosses between
+processes) and hands back what the line amounts to: the image verified in a spool file, or the
+error, named so the run rebuilds it. The run core then puts the image in place and records it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import errors
+from pipeline.download import spool_verified
+from pipeline.extract import decode_data_uri
+from pipeline.providers.gemini import results_line
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One results line, as a worker left it: `key` None when the line was not readable."""
+
+    key: str | None
+    spooled: tuple[str, int, int, str, int] | None = None  # extension, width, height, sha256, size
+    error: tuple[str, str, str, float | None] | None = None  # class name, message, kind, retry_after
+
+    def item_error(self) -> errors.ItemError | None:
+        if self.error is None:
+            return None
+        name, message, kind, retry_after = self.error
+        kind_of: type[errors.ItemError] = getattr(errors, name, errors.ItemError)
+        return kind_of(message, retry_after=retry_after, kind=kind)
+
+
+def workers(size: int | None) -> ProcessPoolExecutor:
+    """`size` worker processes (default: one per core); `spawn`, as the run's threads make `fork`
+    unsafe."""
+    return ProcessPoolExecutor(size or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def prepare(path: str, offset: int, length: int, tmp: str, max_bytes: int, durable: bool) -> Prepared:
+    """In a worker process: the line at `offset` of the results file, its image verified into `tmp`."""
+    with open(path, "rb") as results:  # noqa: PTH123 (a plain open: this runs in a bare worker)
+        results.seek(offset)
+        raw = results.read(length)
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return Prepared(None)  # blank or cut short: its item, with no line, goes into a later job
+    del raw
+    if not isinstance(line, dict):
+        return Prepared(None)
+    key = str(line.get("key"))
+    outcome = results_line(line)
+    del line
+    try:
+        if isinstance(outcome, errors.ItemError):
+            raise outcome
+        try:
+            data = decode_data_uri(outcome[0])
+        except ValueError as exc:
+            raise errors.UrlGoneError(f"inline image unreadable: {exc}", kind="bad_image") from exc
+        if len(data) > max_bytes:
+            raise errors.PermanentError(
+                f"image larger than the {max_bytes} byte download cap", kind="too_large"
+            )
+        return Prepared(key, spooled=spool_verified(data, Path(tmp), durable))
+    except errors.ItemError as exc:
+        return Prepared(key, error=(type(exc).__name__, exc.message, exc.kind, exc.retry_after))
