@@ -105,6 +105,8 @@ class BatchRunner(RunCore):
         if self.options.submit_only:
             self.stop("submitted")
             return
+        if self._state.batches(OPEN_STAGES):
+            self._start_workers()  # ready by the time a job has results (they start in about a second)
         deadline = time.monotonic() + settings.max_wait_s
         interval = settings.poll_interval_s
         while self._state.batches(OPEN_STAGES) and not self._stopping.is_set():
@@ -123,6 +125,13 @@ class BatchRunner(RunCore):
                     raise
                 self.summary.retries[exc.kind] += 1  # the provider hiccuped: the next poll tries again
                 self._event(EventKind.BATCH_WARNING, f"{exc.message}; polling again")
+
+    def _start_workers(self) -> None:
+        if self._workers is None:
+            count = collect.size(self.manifest.batch.workers)
+            self._workers = collect.workers(count)
+            for _ in range(count):
+                self._workers.submit(os.getpid)  # each spawns a process, which imports in the background
 
     async def _retrying(self, step: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """A step of the run, tried again after a transient failure (with backoff) before giving up:
@@ -274,11 +283,9 @@ class BatchRunner(RunCore):
         path = self.store.spool / f"{display_name}.results.jsonl"
         await self._api.download(results_file, path)
         started = time.monotonic()
-        size = self.manifest.batch.workers or os.cpu_count() or 1
-        if self._workers is None:
-            self._workers = collect.workers(size)
+        self._start_workers()
         outcomes: Counter[str] = Counter()
-        room = asyncio.Semaphore(LINES_PER_WORKER * size)
+        room = asyncio.Semaphore(LINES_PER_WORKER * collect.size(self.manifest.batch.workers))
         async with asyncio.TaskGroup() as group:
             offset = 0
             with path.open("rb") as lines:  # no line-length cap: a line holds a whole image

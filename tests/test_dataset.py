@@ -74,7 +74,7 @@ def test_report_in_a_real_browser(output: Path) -> None:
     assert "<script src" not in html and "http" not in html.replace("http-equiv", "")  # no network
     assert "a &lt;b&gt;fox&lt;/b&gt; &amp; friends" in html  # prompts are escaped
     thumbs = sorted((output / "thumbs").iterdir())
-    assert len(thumbs) == 3 and all(max(Image.open(t).size) <= 256 for t in thumbs)
+    assert len(thumbs) == 3 and all(max(size_of(t)) <= 256 for t in thumbs)
     mtimes = [t.stat().st_mtime_ns for t in thumbs]
     assert run("report", output) == 0
     assert [t.stat().st_mtime_ns for t in thumbs] == mtimes  # made once, then cached
@@ -84,6 +84,11 @@ def test_report_in_a_real_browser(output: Path) -> None:
     assert seen["after_filter"] == 2  # job filter "cat" leaves its two images
     shot = Image.open(io.BytesIO(seen["screenshot"])).convert("L")
     assert ImageStat.Stat(shot).stddev[0] > 10  # not blank
+
+
+def size_of(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
 
 
 def _inspect(page: Path, profile: Path) -> dict[str, Any]:
