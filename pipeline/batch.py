@@ -71,7 +71,11 @@ class BatchRunner(RunCore):
         try:
             await self._session()
         except ItemError as exc:  # the batch API itself failed: every job stays recorded
-            self.summary.fatal = f"{self._endpoint.spec.name}: {exc.message}"
+            reason = f"{self._endpoint.spec.name}: {exc.message}"
+            if exc.retryable:  # still failing after its tries: try later (exit 75)
+                self.summary.outage = reason
+            else:
+                self.summary.fatal = reason
         finally:
             if self._workers is not None:
                 self._workers.shutdown(cancel_futures=True)
@@ -109,6 +113,7 @@ class BatchRunner(RunCore):
             self._start_workers()  # ready by the time a job has results (they start in about a second)
         deadline = time.monotonic() + settings.max_wait_s
         interval = settings.poll_interval_s
+        answered = time.monotonic()  # the batch API's last answer
         while self._state.batches(OPEN_STAGES) and not self._stopping.is_set():
             if time.monotonic() >= deadline:
                 self.stop("max_wait")
@@ -120,9 +125,12 @@ class BatchRunner(RunCore):
             try:
                 if await self._poll_all():
                     await self._submit()  # items given back (retryable lines, ended jobs): a new job
+                answered = time.monotonic()
             except ItemError as exc:
                 if not exc.retryable:
                     raise
+                if time.monotonic() - answered >= self.manifest.max_outage_s:
+                    raise  # down for max_outage_s: the jobs stay recorded for a later run
                 self.summary.retries[exc.kind] += 1  # the provider hiccuped: the next poll tries again
                 self._event(EventKind.BATCH_WARNING, f"{exc.message}; polling again")
 
@@ -347,9 +355,8 @@ class BatchRunner(RunCore):
         ext, width, height, digest, size = prepared.spooled
         relative = f"images/{item.name}.{ext}"
         await asyncio.to_thread(self.store.put, tmp, relative, replace=True)
-        await self._record_image(
-            item, StoredImage(relative, digest, size, width, height), row.file if row else None
-        )
+        stored = StoredImage(relative, digest, size, width, height)
+        await self._record_image(item, stored, row.file if row else None, prepared.served_model)
         return "done"
 
     def _failed(self, item: Item, error: ItemError) -> str:
@@ -368,9 +375,13 @@ class BatchRunner(RunCore):
         self.recorder.fail(item, error, self._attempts[item.name], self._endpoint.spec.name)
         return "failed"
 
-    async def _record_image(self, item: Item, stored: StoredImage, old_file: str | None) -> None:
+    async def _record_image(
+        self, item: Item, stored: StoredImage, old_file: str | None, served_model: str | None = None
+    ) -> None:
         self.summary.downloads += 1
-        await self.recorder.image(item, stored, old_file, self._endpoint.spec.name)
+        await self.recorder.image(
+            item, stored, old_file, self._endpoint.spec.name, {"served_model": served_model}
+        )
 
     async def _delete(self, name: str | None) -> None:
         """Files API storage is limited (and kept 48 h): delete what was collected, quietly."""

@@ -68,6 +68,13 @@ MAX_MESSAGE = 500
 # A 429 that names a daily limit (OpenRouter's `free-models-per-day`, Google's `...PerDay...` quota ids,
 # "RPD"): nothing will get through before tomorrow.
 DAILY_LIMIT = re.compile(r"per[-_ ]?day|daily|\bRPD\b", re.IGNORECASE)
+# A model the provider no longer serves: Google's 404 for a shut-down id, OpenAI's `model_not_found`,
+# a relay's "model ... has been deprecated / withdrawn".
+RETIRED = re.compile(
+    r"model_not_found|is not found for api version|not supported for generatecontent|model\b.{0,80}\b"
+    r"(deprecated|withdrawn|retired|decommissioned|shut ?down|no longer (available|supported))",
+    re.IGNORECASE,
+)
 DAILY_RESET_S = 15 * 60.0  # no requests left and the window resets later than this (or is past): a cap
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -88,10 +95,11 @@ def classify_data(
     retry_after = parse_retry_after(headers.get("retry-after"), now)
     error = _error_object(data)
     if error is not None:
-        outcome = _from_error(status, error, retry_after)
+        outcome = retired(_from_error(status, error, retry_after), str(error))
         return daily_cap(outcome, {**headers, **_quoted_headers(error)}, str(error), now)
     if status >= 300 or data is None:
-        return daily_cap(_from_status(status, describe_body(status, text), retry_after), headers, text, now)
+        outcome = retired(_from_status(status, describe_body(status, text), retry_after), text)
+        return daily_cap(outcome, headers, text, now)
     images = extract_images(data)
     return images or no_image(data)
 
@@ -108,6 +116,14 @@ def daily_cap(outcome: ItemError, headers: dict[str, str], text: str, now: datet
     if DAILY_LIMIT.search(text) or spent:
         return FatalError(f"daily limit reached: {outcome.message}", kind="quota")
     return outcome
+
+
+def retired(outcome: ItemError, text: str) -> ItemError:
+    """A refusal to serve the model itself (retired, unknown here) becomes fatal for the provider;
+    any other outcome is returned as it is."""
+    if outcome.retryable or isinstance(outcome, RefusalError) or not RETIRED.search(text):
+        return outcome
+    return FatalError(outcome.message, kind="model_retired")
 
 
 def parse_reset(value: str | None, now: datetime) -> float | None:
@@ -127,6 +143,17 @@ def _quoted_headers(error: dict[str, Any]) -> dict[str, str]:
     metadata = error.get("metadata")
     quoted = metadata.get("headers") if isinstance(metadata, dict) else None
     return {str(k).lower(): str(v) for k, v in quoted.items()} if isinstance(quoted, dict) else {}
+
+
+def reply_field(body: bytes, name: str) -> str | None:
+    """A string field of a reply (`model`, `modelVersion`, `serviceTier`) read from its first or last
+    4 KB, without parsing megabytes of base64 again."""
+    pattern = re.compile(rb'"' + re.escape(name.encode()) + rb'"\s*:\s*"([^"\\]{1,200})"')
+    for part in (body[:4096], body[-4096:]):
+        found = pattern.search(part)
+        if found:
+            return found.group(1).decode("utf-8", "replace")
+    return None
 
 
 def parse_json(text: str) -> Any:

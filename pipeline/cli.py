@@ -10,11 +10,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from pipeline.catalog import shipped
 from pipeline.cluster import run_on_ray
 from pipeline.core import RunCore, output_identity
 from pipeline.errors import ExitCode, ManifestError, OutputLockedError
@@ -106,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     _where_options(report)
     report.set_defaults(command=lambda args: print(write_report(*_open_target(args))) or 0)
 
+    models = commands.add_parser("models", help="list the image models known (with a manifest's models:)")
+    models.add_argument("manifest", type=Path, nargs="?", help="also the models this manifest describes")
+    models.add_argument("--json", action="store_true", help="the entries as JSON")
+    models.set_defaults(command=_models)
+
     schema = commands.add_parser("schema", help="print the manifest's JSON Schema")
     schema.set_defaults(command=lambda args: print(json.dumps(json_schema(), indent=2)) or 0)
 
@@ -175,6 +182,35 @@ def _load(path: Path, quiet: bool = False, keys: Keys | None = None) -> Manifest
     for warning in [] if quiet else manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return manifest
+
+
+def _models(args: argparse.Namespace) -> int:
+    catalog = _load(args.manifest).catalog if args.manifest else shipped()
+    if args.json:
+        entries = {
+            name: catalog.entries[name].model_dump(mode="json", exclude_defaults=True)
+            for name in catalog.entries
+        }
+        print(json.dumps(entries, indent=2))
+        return 0
+    today = date.today()
+    for name in catalog.entries:
+        model = catalog.find(name)
+        assert model is not None
+        entry = model.entry
+        sizes = ", ".join(model.image_sizes) or "-"
+        ratios = f"{len(model.aspect_ratios)} ratios" + (", any within bounds" if entry.any_ratio else "")
+        price = model.price(None)
+        life = (
+            f"shut down {entry.shutdown}"
+            if entry.shutdown and entry.shutdown <= today
+            else (f"shuts down {entry.shutdown}" if entry.shutdown else "")
+        )
+        life += f" -> {entry.replacement}" if entry.replacement and life else ""
+        priced = f"${price:g}" if price is not None else "price unknown"
+        protocols = ", ".join(entry.protocols)
+        print(f"{name:<32} {ratios:<28} sizes {sizes:<16} {priced:<14} {protocols:<34} {life}".rstrip())
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -311,6 +347,11 @@ def _dry_run(args: argparse.Namespace, plan: RunPlan) -> int:
         f" at {price_text}, about {_duration(counted.duration_s)}"
         f" at concurrency {manifest.generation_limit} and {TYPICAL_LATENCY_S:.0f} s per image"
     )
+    if counted.unpriced:
+        print(
+            f"price unknown for {counted.unpriced} of them: {manifest.item_model} has no price in the"
+            " catalog (set price_per_image, or describe the model under models:)"
+        )
     if counted.jobs is not None:
         print(
             f"batch mode: {counted.jobs} new job(s) of up to {manifest.batch.max_requests} items;"
@@ -441,7 +482,11 @@ class _Display:
     def event(self, event: Event) -> None:
         kind = event.kind
         if kind.about_provider:
-            what = "disabled for the rest of the run" if kind is EventKind.PROVIDER_DISABLED else "down"
+            what = {
+                EventKind.PROVIDER_DISABLED: "disabled for the rest of the run",
+                EventKind.PROVIDER_DOWN: "down",
+                EventKind.PROVIDER_REROUTED: "re-routes the model",
+            }[kind]
             self._emit(
                 kind,
                 f"warning: provider {event.provider} {what}: {event.message}",

@@ -27,6 +27,7 @@ class Prepared:
 
     key: str | None
     spooled: tuple[str, int, int, str, int] | None = None  # extension, width, height, sha256, size
+    served_model: str | None = None  # the reply's `modelVersion`
     error: tuple[str, str, str, float | None] | None = None  # class name, message, kind, retry_after
 
     def item_error(self) -> errors.ItemError | None:
@@ -62,6 +63,8 @@ def prepare(path: str, offset: int, length: int, tmp: str, max_bytes: int, durab
     if not isinstance(line, dict):
         return Prepared(None)
     key = str(line.get("key"))
+    response = line.get("response")
+    served = response.get("modelVersion") if isinstance(response, dict) else None
     outcome = results_line(line)
     del line
     try:
@@ -75,6 +78,7 @@ def prepare(path: str, offset: int, length: int, tmp: str, max_bytes: int, durab
             raise errors.PermanentError(
                 f"image larger than the {max_bytes} byte download cap", kind="too_large"
             )
-        return Prepared(key, spooled=spool_verified(data, Path(tmp), durable))
+        served_model = served if isinstance(served, str) else None
+        return Prepared(key, spooled=spool_verified(data, Path(tmp), durable), served_model=served_model)
     except errors.ItemError as exc:
         return Prepared(key, error=(type(exc).__name__, exc.message, exc.kind, exc.retry_after))

@@ -77,7 +77,22 @@ class RunCore:
     async def run(self) -> Summary:
         with recorded_run(self.store, self.options.state_url, self.manifest.lease_s, self.summary) as state:
             self._state = state
-            self.recorder = Recorder(state, self.store, self.summary, self._on_event, self._storage_failed)
+            manifest = self.manifest
+            failing = {
+                spec.name
+                for spec in manifest.pool()
+                if (spec.on_size_mismatch or manifest.on_size_mismatch) == "fail"
+            }
+            self.recorder = Recorder(
+                state,
+                self.store,
+                self.summary,
+                self._on_event,
+                self._storage_failed,
+                manifest.model_entry,
+                failing,
+                self._misconfigured,
+            )
             committer = asyncio.create_task(self.recorder.committer())
             try:
                 await self._work()
@@ -106,6 +121,9 @@ class RunCore:
         if not self.summary.storage:
             self.summary.storage = str(exc)
         self.stop("storage")
+
+    def _misconfigured(self, provider: str, why: str) -> None:
+        """The recorder found a provider misconfigured (its images are not the size asked)."""
 
     def _no_provider(self, exc: NoProviderLeft | ItemError) -> None:
         """No provider can go on: stop, every unfinished item as it was (exit 75 or 3)."""

@@ -13,6 +13,7 @@ class EventKind(StrEnum):
     WARNING = "warning"  # about one item (a size mismatch, a lost lease)
     PROVIDER_DISABLED = "provider_disabled"  # out for the rest of the run (key, quota, model, outage)
     PROVIDER_DOWN = "provider_down"  # its circuit breaker opened: out for a cool-down
+    PROVIDER_REROUTED = "provider_rerouted"  # its replies say another model made the images
     BATCH_SUBMITTED = "batch_submitted"
     BATCH_COLLECTED = "batch_collected"
     BATCH_ENDED = "batch_ended"  # failed, cancelled or expired: its items go back
@@ -20,7 +21,7 @@ class EventKind(StrEnum):
 
     @property
     def about_provider(self) -> bool:
-        return self in (EventKind.PROVIDER_DISABLED, EventKind.PROVIDER_DOWN)
+        return self.name.startswith("PROVIDER_")
 
     @property
     def about_batch(self) -> bool:

@@ -14,8 +14,9 @@ import sqlite3
 import string
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,16 +30,17 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.catalog import RATIO, Catalog, Model, ModelEntry, parse_ratio, shipped
 from pipeline.errors import ManifestError
+from pipeline.ids import ID_PATTERN, ID_RE, ID_RULE
 from pipeline.item import Item, item_fingerprint
 from pipeline.locations import check_state_url, credentials_in, is_local, local_path
-from pipeline.presets import ASPECT_RATIOS, ID_PATTERN, ID_RE, ID_RULE, IMAGE_SIZES, MODELS, SEED
 from pipeline.sources import SourceRow, decode_text, read_rows
 
-AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
-assert set(get_args(AspectRatio)) == set(ASPECT_RATIOS)
-ImageSize = Literal["1K", "2K", "4K"]
-assert get_args(ImageSize) == IMAGE_SIZES
+AspectRatio = Annotated[str, Field(pattern=RATIO)]  # W:H; which ones, the model's catalog entry says
+ImageSize = Annotated[str, Field(pattern=r"^[0-9]+K?$")]  # 512, 1K, 2K, 4K...: as the model takes them
+SHUTDOWN_WARNING_DAYS = 30
+FLEX_TIMEOUT_S = 1200.0
 
 MatrixValues = Annotated[list[str | int | float], Field(min_length=1)]
 Reference = Annotated[str, Field(min_length=1)]  # a reference image: a path or an http(s) URL
@@ -72,14 +74,20 @@ class Api(_Strict):
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
-DEFAULT_KEY_ENV = {"openai-chat": "IMAGE_API_KEY", "gemini": "GEMINI_API_KEY"}
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_KEY_ENV = {
+    "openai-chat": "IMAGE_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+    "openai-images": "OPENAI_API_KEY",
+}
+IMAGES_OPTIONS = ("quality", "output_format", "background", "moderation")
 
 
 class ProviderSpec(_Strict):
     """One endpoint and key of the pool: an OpenAI-compatible gateway or Google's native API."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,40}$")]
-    protocol: Literal["openai-chat", "gemini"] = "openai-chat"
+    protocol: Literal["openai-chat", "gemini", "openai-images"] = "openai-chat"
     mode: Literal["online", "batch"] = "online"  # batch: Google's Batch Mode (protocol gemini), half price
     base_url: str | None = None  # openai-chat: env IMAGE_API_BASE_URL; gemini: Google's endpoint
     api_key_env: EnvName | None = None  # default: IMAGE_API_KEY (openai-chat), GEMINI_API_KEY (gemini)
@@ -91,6 +99,18 @@ class ProviderSpec(_Strict):
     timeout_s: Annotated[float, Field(gt=0)] = 180.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     stream: bool = False  # openai-chat only: ask for server-sent events
+    on_size_mismatch: Literal["keep", "fail"] | None = None  # default: the manifest's
+    service_tier: Literal["standard", "flex"] | None = None  # gemini: flex is half price, in minutes
+    quality: Literal["auto", "low", "medium", "high"] | None = None  # openai-images: as the API takes them
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+
+    @property
+    def read_timeout_s(self) -> float:
+        """`timeout_s`, or 20 minutes for a flex provider that sets none (flex answers in 1-15 min)."""
+        flex = self.service_tier == "flex" and "timeout_s" not in self.model_fields_set
+        return FLEX_TIMEOUT_S if flex else self.timeout_s
 
     _http = field_validator("base_url")(lambda value: _http_url(value))
 
@@ -100,7 +120,8 @@ class ProviderSpec(_Strict):
 
     @property
     def default_base_url(self) -> str | None:
-        return self.base_url or (GEMINI_BASE_URL if self.protocol == "gemini" else None)
+        defaults = {"gemini": GEMINI_BASE_URL, "openai-images": OPENAI_BASE_URL}
+        return self.base_url or defaults.get(self.protocol)
 
 
 class BatchSettings(_Strict):
@@ -207,6 +228,8 @@ class Manifest(_Strict):
     state: Annotated[str, Field(min_length=1)] | None = None  # postgresql://... (default: SQLite in output)
     storage_options: dict[str, Any] = {}  # passed to the output's fsspec filesystem (endpoint_url, ...)
     lease_s: Annotated[float, Field(ge=1, le=86400)] = 120.0  # a shared state's item leases
+    models: dict[Annotated[str, Field(min_length=1, max_length=200)], ModelEntry] | None = None  # over ours
+    on_size_mismatch: Literal["keep", "fail"] = "keep"  # an image of another size than asked
     defaults: Defaults = Defaults()
     jobs: Annotated[list[Job], Field(min_length=1)]
     _base: Path = PrivateAttr(default=Path())  # prompts files are relative to the manifest
@@ -278,6 +301,16 @@ class Manifest(_Strict):
         return max(self.download_concurrency or 2 * limit, limit)
 
     @property
+    def catalog(self) -> Catalog:
+        """The models known to this manifest: the shipped catalog, with its `models:` over it."""
+        return shipped().extended(self.models)
+
+    @property
+    def model_entry(self) -> Model | None:
+        """The catalog's entry for the items' model (None: unknown, nothing checked)."""
+        return self.catalog.find(self.item_model)
+
+    @property
     def item_model(self) -> str:
         """The model in every item's fingerprint: the same through any provider of the pool."""
         if self.model:
@@ -338,6 +371,7 @@ class _Prompt:
     image_size: str | None
     count: int
     images: tuple[str, ...]
+    row_ratio: bool = False  # the aspect ratio is a prompt-file row's own
 
 
 def _prompts(manifest: Manifest, problems: list[str] | None = None) -> Iterator[_Prompt]:
@@ -364,7 +398,14 @@ def _prompts(manifest: Manifest, problems: list[str] | None = None) -> Iterator[
                 ident = row.id or derive_id(row.prompt)
                 place = f"{path}: line {row.line}"
                 yield _Prompt(
-                    place, ident, row.prompt, row.aspect_ratio or ratio, size, row.count or count, ()
+                    place,
+                    ident,
+                    row.prompt,
+                    row.aspect_ratio or ratio,
+                    size,
+                    row.count or count,
+                    (),
+                    row.aspect_ratio is not None,
                 )
             elif problems is not None:
                 problems.append(f"{path}: {row}")
@@ -417,7 +458,7 @@ def load_manifest(path: Path, keys: Keys | None = None) -> Manifest:
     manifest._base = path.parent
     problems += _check_providers(data, path, lines)
     problems += _check_keys(data, path, lines, keys) if keys else []
-    problems += _check_model(manifest, path, lines)
+    problems += _check_model(manifest, data, path, lines, date.today())
     problems += _check_files(manifest, path, lines)
     if len(problems) < MAX_PROBLEMS:
         problems += _check_prompts(manifest, path, lines, MAX_PROBLEMS - len(problems))
@@ -471,6 +512,13 @@ def _check_providers(data: dict[str, Any], path: Path, lines: dict[str, int]) ->
             problems.append(_problem(path, lines, f"providers[{i}].stream", "only for protocol openai-chat"))
         if provider.mode == "batch" and provider.protocol != "gemini":
             problems.append(_problem(path, lines, f"providers[{i}].mode", "batch needs protocol gemini"))
+        if provider.service_tier and provider.protocol != "gemini":
+            problems.append(_problem(path, lines, f"providers[{i}].service_tier", "only for protocol gemini"))
+        for option in IMAGES_OPTIONS:
+            if getattr(provider, option) and provider.protocol != "openai-images":
+                problems.append(
+                    _problem(path, lines, f"providers[{i}].{option}", "only for protocol openai-images")
+                )
     return problems
 
 
@@ -499,37 +547,72 @@ def _check_keys(data: dict[str, Any], path: Path, lines: dict[str, int], keys: K
     return problems
 
 
-def _check_model(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
-    """Aspect ratios and image sizes the model offers (presets table); an unknown model is a warning.
-
-    Prompt-file rows may set only an aspect ratio, and every model in the table offers all ten.
-    """
-    model = manifest.item_model
-    spec = MODELS.get(model)
-    if spec is None:
-        place = "model" if manifest.model else "providers[0].model" if manifest.providers else "api.model"
+def _check_model(
+    manifest: Manifest, data: dict[str, Any], path: Path, lines: dict[str, int], today: date
+) -> list[str]:
+    """Aspect ratios and image sizes the items' model takes, by its catalog entry; an unknown model,
+    or one whose announced shutdown has passed or is near, is a warning."""
+    model = manifest.model_entry
+    place = "model" if manifest.model else "providers[0].model" if manifest.providers else "api.model"
+    if model is None:
+        priced = manifest.price_per_image is not None or any(
+            p.price_per_image is not None for p in manifest.providers or []
+        )
         manifest._warnings.append(
-            f"{path}: {place}: {model} is not in the table of known models ({', '.join(MODELS)}):"
-            f" its images are not size-checked, and priced at ${SEED.price(None)}"
-            " unless price_per_image is set"
+            f"{path}: {place}: {manifest.item_model} is not in the model catalog (`pipeline models`):"
+            " any W:H ratio and image size are passed through, sizes are not checked"
+            + (
+                ""
+                if priced
+                else ", and its price is unknown: set price_per_image, or describe it under models:"
+            )
         )
         return []
+    manifest._warnings += lifecycle_warnings(f"{path}: {place}", model, today)
     problems: dict[str, str] = {}  # place -> problem, each once
-    settings: list[tuple[str, str | None, str | None]] = [
-        ("defaults", manifest.defaults.aspect_ratio, manifest.defaults.image_size)
+    raw_jobs = data.get("jobs")
+    # As written, so that a job with other problems is checked too.
+    settings = [("defaults", data.get("defaults"))] + [
+        (f"jobs[{i}]", job) for i, job in enumerate(raw_jobs if isinstance(raw_jobs, list) else [])
     ]
-    settings += [(f"jobs[{i}]", job.aspect_ratio, job.image_size) for i, job in manifest.numbered_jobs()]
-    for place, ratio, size in settings:
-        if size is not None and size not in spec.image_sizes:
-            takes = [name for name, other in MODELS.items() if other.image_sizes]
-            problems[f"{place}.image_size"] = (
-                f'"{size}": {model} takes no image_size (only {", ".join(takes)} do)'
-                if not spec.image_sizes
-                else f'"{size}" is not one of {", ".join(spec.image_sizes)} for {model}'
-            )
-        elif ratio is not None and spec.size(ratio, size) is None:
-            problems[f"{place}.aspect_ratio"] = f'"{ratio}" is not offered by {model}'
-    return [_problem(path, lines, place, text) for place, text in problems.items()]
+    for where, raw in settings:
+        raw = raw if isinstance(raw, dict) else {}
+        ratio, size = raw.get("aspect_ratio"), raw.get("image_size")
+        ratio = ratio if isinstance(ratio, str) and parse_ratio(ratio) else None  # else a field problem
+        size = size if isinstance(size, str) and re.fullmatch(r"[0-9]+K?", size) else None
+        size_problem = _size_problem(model, size)
+        if size_problem:
+            problems[f"{where}.image_size"] = size_problem
+        elif ratio is not None and not model.takes_ratio(ratio):
+            problems[f"{where}.aspect_ratio"] = _ratio_problem(model, ratio)
+    return [_problem(path, lines, where, text) for where, text in problems.items()]
+
+
+def lifecycle_warnings(place: str, model: Model, today: date) -> list[str]:
+    """A warning when the model's announced shutdown has passed or is within 30 days (pure)."""
+    shutdown = model.entry.shutdown
+    if shutdown is None or (shutdown - today).days > SHUTDOWN_WARNING_DAYS:
+        return []
+    then = "was shut down" if shutdown <= today else "shuts down"
+    instead = f": use {model.entry.replacement}" if model.entry.replacement else ""
+    return [f"{place}: {model.name} {then} on {shutdown.isoformat()} (as announced){instead}"]
+
+
+def _size_problem(model: Model, size: str | None) -> str | None:
+    if size is None or size in model.image_sizes:
+        return None
+    if not model.image_sizes:
+        return f'"{size}": {model.name} takes no image_size'
+    return f'"{size}" is not one of {", ".join(model.image_sizes)} for {model.name}'
+
+
+def _ratio_problem(model: Model, ratio: str) -> str:
+    bounds = model.entry.any_ratio
+    if bounds:
+        return (
+            f'"{ratio}" is outside {model.name}\'s ratios ({bounds.min_ratio:.3g} to {bounds.max_ratio:.3g})'
+        )
+    return f'"{ratio}" is not offered by {model.name} (it takes {", ".join(model.aspect_ratios)})'
 
 
 def _check_files(manifest: Manifest, path: Path, lines: dict[str, int]) -> list[str]:
@@ -586,6 +669,7 @@ def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int], limit:
     prompt file is missing were reported already and are skipped.
     """
     problems: list[str] = []
+    model = manifest.model_entry
     seen = sqlite3.connect("")  # "" is a private temporary database on disk, deleted on close
     try:
         seen.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, place TEXT) WITHOUT ROWID")
@@ -594,6 +678,9 @@ def _check_prompts(manifest: Manifest, path: Path, lines: dict[str, int], limit:
             place, ident, prompt = expanded.place, expanded.id, expanded.prompt
             manifest._total += expanded.count
             manifest._prompts += 1
+            ratio = expanded.aspect_ratio
+            if expanded.row_ratio and model and ratio and not model.takes_ratio(ratio):
+                problems.append(f"{place}: aspect_ratio: {_ratio_problem(model, ratio)}")
             if not ID_RE.fullmatch(ident):
                 problems.append(_problem(path, lines, f"{place}.id", f'"{ident}" {ID_RULE}'))
                 continue
@@ -696,10 +783,10 @@ def _describe(error: Any) -> str:
         return "unknown key"
     if kind == "missing":
         return "is required"
-    if kind == "literal_error" and last in ("aspect_ratio", "image_size"):
-        allowed = ", ".join(f'"{r}"' for r in (IMAGE_SIZES if last == "image_size" else ASPECT_RATIOS))
+    if kind in ("string_pattern_mismatch", "string_type") and last in ("aspect_ratio", "image_size"):
+        wanted = 'a W:H ratio such as "16:9"' if last == "aspect_ratio" else 'a size such as "1K"'
         hint = " (quote it: YAML reads 16:9 unquoted as a number)" if isinstance(value, int) else ""
-        return f"{_show(value)} is not one of {allowed}{hint}"
+        return f"{_show(value)} is not {wanted}{hint}"
     if kind == "literal_error":
         return f"{_show(value)} is not one of {error['ctx']['expected']}"
     if kind == "string_pattern_mismatch" and last == "id":

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from pipeline.catalog import Tier
 from pipeline.errors import PERMANENT_KINDS
 from pipeline.item import Item, Status
 from pipeline.manifest import Manifest, iter_items
-from pipeline.presets import list_price
 from pipeline.state import Row, State
 from pipeline.storage import Store
 
-BATCH_DISCOUNT = 0.5  # Batch Mode costs half the list price
 TYPICAL_LATENCY_S = 15.0  # a generation takes 5-15 s as documented, 8-30 s in real traffic
 
 
@@ -81,6 +80,7 @@ class Preview:
     orphaned: int = 0  # recorded in the output but no longer in the manifest
     concurrency: int = 1
     cost: float = 0.0  # USD, of the paid requests at most
+    unpriced: int = 0  # paid requests of a model whose price is unknown (not in `cost`)
     jobs: int | None = None  # batch jobs a batch run would create
 
     @property
@@ -99,6 +99,7 @@ class Preview:
             "orphaned": self.orphaned,
             "paid_requests": self.paid_requests,
             "cost_usd": round(self.cost, 2),
+            "unpriced": self.unpriced,
             "duration_s": round(self.duration_s),
             "concurrency": self.concurrency,
             **({} if self.jobs is None else {"batch_jobs": self.jobs, "in_batch": self.steps["in_batch"]}),
@@ -115,7 +116,13 @@ def preview(
     """The plan of a run on `store` with its `state` (None: it never ran)."""
     result = Preview(concurrency=manifest.generation_limit)
     price = preferred_price(manifest, mode)
-    discount = BATCH_DISCOUNT if mode == "batch" else 1.0
+    model = manifest.model_entry
+    first = min(
+        (spec for spec in manifest.pool() if spec.mode == mode), key=lambda spec: spec.priority, default=None
+    )
+    tier: Tier = (
+        "batch" if mode == "batch" else "flex" if first and first.service_tier == "flex" else "standard"
+    )
     with state if state is not None else contextlib.nullcontext():
         matched = 0
         for item, row, step in plan_items(manifest, state, store, retry_failed):
@@ -126,9 +133,11 @@ def preview(
                 label = "in_batch"  # already in a submitted job: collected, not paid again
             result.steps[label] += 1
             if label in PAID:
-                result.cost += (
-                    price if price is not None else list_price(item.model, item.image_size) * discount
-                )
+                each = price if price is not None else model.price(item.image_size, tier) if model else None
+                if each is None:
+                    result.unpriced += 1
+                else:
+                    result.cost += each
         result.orphaned = (state.count_rows() if state else 0) - matched
     if mode == "batch":
         result.jobs = math.ceil(result.paid_requests / manifest.batch.max_requests)

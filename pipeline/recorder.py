@@ -1,9 +1,13 @@
 """How a run writes down what happened to an item, for both run modes: one recorder.
 
 - `generated`: a paid URL, recorded at once (the committer makes it durable without anyone waiting).
-- `image`: a verified image in place is recorded, the size it came in checked against what was asked,
-  and `done` is reported only once the commit that holds it is durable: images in place are fsynced
-  first (in a thread), then the state commits.
+- `image`: a verified image in place is recorded, the size it came in checked against what was asked
+  (the model's catalog entry), and `done` is reported only once the commit that holds it is
+  durable: images in place are fsynced first (in a thread), then the state commits. A provider that
+  sends other sizes than asked (a relay that ignores the ratio) is reported once, with a count in
+  the summary; with `on_size_mismatch: fail` such an image is not kept: the item fails with
+  `size_mismatch` (a rerun tries it again), and after `MISMATCHES_TO_DISABLE` in a row from one
+  provider, none matching, that provider is reported as misconfigured.
 - `fail`: a failure with its reason and attempts.
 
 The commit is a group commit: the first write wakes the committer, which makes every write since the
@@ -14,21 +18,22 @@ thousand.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline.catalog import Model
 from pipeline.download import StoredImage
-from pipeline.errors import ItemError, StorageError
+from pipeline.errors import ItemError, RetryableError, StorageError
 from pipeline.events import Event, EventKind
 from pipeline.item import Item
-from pipeline.presets import expected_size
 from pipeline.state import DATABASE_ERRORS, State
 from pipeline.storage import Store
 from pipeline.summary import Summary
 
 # The output or the state cannot be written: the run stops (exit 74), what was recorded stays resumable.
 STORAGE_ERRORS: tuple[type[Exception], ...] = (StorageError, OSError, *DATABASE_ERRORS)
+MISMATCHES_TO_DISABLE = 5  # images of another size in a row from one provider, none matching
 
 
 class Recorder:
@@ -39,6 +44,9 @@ class Recorder:
         summary: Summary,
         on_event: Callable[[Event], None],
         on_storage_error: Callable[[BaseException], None],
+        model: Model | None = None,
+        fail_mismatches: set[str] | None = None,
+        on_misconfigured: Callable[[str, str], None] = lambda *_: None,
     ) -> None:
         self._state = state
         self._store = store
@@ -48,6 +56,10 @@ class Recorder:
         self._written = asyncio.Event()  # a write awaits the committer
         self._next_commit: asyncio.Future[None] | None = None  # what those waiting for durability await
         self._synced = False  # whether images were put in place since the last commit
+        self._model = model  # the items' model in the catalog (None: sizes are not checked)
+        self._fail_mismatches = fail_mismatches or set()  # providers whose other sizes are failures
+        self._on_misconfigured = on_misconfigured  # (provider, why)
+        self._in_a_row: dict[str, int] = {}  # mismatches in a row per provider (-1: one has matched)
 
     def generated(self, item: Item, url: str | None, attempts: int, provider: str) -> None:
         """A paid reply whose image is still to be fetched: committed soon, without waiting for it."""
@@ -55,22 +67,59 @@ class Recorder:
         self._written.set()
 
     async def image(
-        self, item: Item, stored: StoredImage, old_file: str | None, provider: str | None
-    ) -> None:
-        """Record the image; report it only once that record is durable."""
-        expected = expected_size(item.model, item.aspect_ratio, item.image_size)
-        mismatch = expected is not None and expected != (stored.width, stored.height)
-        self._state.record_done(item, metadata_row(item, stored, mismatch, provider))
+        self,
+        item: Item,
+        stored: StoredImage,
+        old_file: str | None,
+        provider: str | None,
+        provenance: Mapping[str, str | None] | None = None,
+    ) -> bool:
+        """Record the image (False: not kept, its size was not the one asked); report it only once
+        that record is durable."""
+        mismatch = self._mismatch(item, stored, provider or "")
+        if mismatch and (provider or "") in self._fail_mismatches:
+            if stored.file != old_file:
+                self._store.delete(stored.file)
+            self.fail(item, RetryableError(mismatch, kind="size_mismatch"), 1, provider or "")
+            return False
+        row = metadata_row(item, stored, mismatch is not None, provider, provenance)
+        self._state.record_done(item, row)
         await self.durable(images=True)
         if old_file and old_file != stored.file:
             self._store.delete(old_file)  # the image this one replaces
         self._summary.done += 1
-        if mismatch and expected:
-            self._summary.warnings += 1
-            wanted = f"{item.aspect_ratio}{f' at {item.image_size}' if item.image_size else ''}"
-            wanted += f" ({expected[0]}x{expected[1]})"
-            self._emit(EventKind.WARNING, item, f"got {stored.width}x{stored.height}, asked {wanted}")
         self._emit(EventKind.DONE, item, stored.file, provider or "")
+        return True
+
+    def _mismatch(self, item: Item, stored: StoredImage, provider: str) -> str | None:
+        """What is wrong with the image's size, if anything; reported once per provider."""
+        model = self._model
+        matches = (
+            model.size_matches(item.aspect_ratio, item.image_size, stored.width, stored.height)
+            if model
+            else None
+        )
+        if matches is not False or model is None:
+            if matches:
+                self._in_a_row[provider] = -1
+            return None
+        expected = model.expected(item.aspect_ratio, item.image_size)
+        wanted = f"{item.aspect_ratio}{f' at {item.image_size}' if item.image_size else ''}"
+        wanted += f" ({expected[0]}x{expected[1]})" if expected else ""
+        text = f"got {stored.width}x{stored.height}, asked {wanted}"
+        self._summary.size_mismatches[provider] += 1
+        if self._summary.size_mismatches[provider] == 1:
+            self._summary.warnings += 1
+            said = (
+                f"{text}: {provider or 'the provider'} may ignore the asked size (counted, not shown again)"
+            )
+            self._emit(EventKind.WARNING, item, said, provider)
+        if self._in_a_row.get(provider, 0) >= 0:
+            self._in_a_row[provider] = self._in_a_row.get(provider, 0) + 1
+            if provider in self._fail_mismatches and self._in_a_row[provider] == MISMATCHES_TO_DISABLE:
+                why = f"{MISMATCHES_TO_DISABLE} images in a row of another size than asked ({text})"
+                self._on_misconfigured(provider, why)
+        return text
 
     def fail(self, item: Item, error: ItemError, attempts: int, provider: str = "") -> None:
         self._state.record_failed(item, error.kind, error.message, attempts)
@@ -115,7 +164,15 @@ class Recorder:
         self._on_event(Event(kind, item.name, message, provider))
 
 
-def metadata_row(item: Item, stored: StoredImage, mismatch: bool, provider: str | None) -> dict[str, Any]:
+def metadata_row(
+    item: Item,
+    stored: StoredImage,
+    mismatch: bool,
+    provider: str | None,
+    provenance: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """`provenance`: what the reply said of itself: `served_model` (the model it named, when it named
+    one) and `service_tier` (the tier that served it)."""
     """The metadata.jsonl row of an image (kept in the state as is)."""
     return {
         "file_name": stored.file,
@@ -125,6 +182,8 @@ def metadata_row(item: Item, stored: StoredImage, mismatch: bool, provider: str 
         "aspect_ratio": item.aspect_ratio,
         "image_size": item.image_size,
         "model": item.model,
+        "served_model": (provenance or {}).get("served_model"),
+        "service_tier": (provenance or {}).get("service_tier"),
         "width": stored.width,
         "height": stored.height,
         "sha256": stored.sha256,

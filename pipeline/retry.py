@@ -7,7 +7,8 @@ about the provider that answered it: throttled, failing, fine, suspect, or to be
 Rules (each a row of the tests' tables):
 - A fatal answer (bad key, no quota, a daily cap, a retired model) is the provider's, never the
   item's: the pool has tried the others by then, so the item stops as it was (resumable).
-- A 429 is not billed and its provider paces the next try: it costs no attempt, up to
+- A 429 (or a shed flex request) is not billed and its provider paces the next try: it costs no
+  attempt, up to
   `THROTTLES_PER_ATTEMPT` per attempt allowed, which still ends an item on a provider that never lets
   it through. It is tried again at once (the provider's controller holds it back).
 - A retryable failure (5xx, timeouts, resets, a download that failed, an URL that expired) is tried
@@ -28,6 +29,7 @@ from pipeline.errors import FatalError, ItemError, NoImageError, PermanentError,
 THROTTLES_PER_ATTEMPT = 10  # 429s an item may meet per attempt it is allowed
 SAME_ERROR_STOP = 10  # items in a row failing with one permanent error: a configuration problem
 FAILING_KINDS = frozenset({"network", "timeout", "server_error"})  # what the circuit breaker counts
+FREE_KINDS = frozenset({"rate_limited", "shed"})  # not billed, paced by the provider: no attempt's cost
 
 
 class Action(Enum):
@@ -47,7 +49,7 @@ def for_item(error: ItemError, attempts: int, throttles: int, max_attempts: int)
     """After `error`, the item's next step; `attempts` and `throttles` are those used before it."""
     if isinstance(error, FatalError):
         return Decision(Action.STOP, costs_attempt=False)
-    if error.kind == "rate_limited" and throttles < THROTTLES_PER_ATTEMPT * max_attempts:
+    if error.kind in FREE_KINDS and throttles < THROTTLES_PER_ATTEMPT * max_attempts:
         return Decision(Action.RETRY, 0.0, costs_attempt=False)
     used = attempts + 1
     again = (
@@ -55,7 +57,7 @@ def for_item(error: ItemError, attempts: int, throttles: int, max_attempts: int)
     )
     if not again or used >= max_attempts:
         return Decision(Action.GIVE_UP)
-    if error.kind == "rate_limited":
+    if error.kind in FREE_KINDS:
         return Decision(Action.RETRY, 0.0)
     return Decision(Action.RETRY, error.retry_after)
 
@@ -73,7 +75,7 @@ def for_provider(error: ItemError, same_in_a_row: int) -> Verdict:
     this provider just before, this one not counted."""
     if isinstance(error, FatalError):
         return Verdict.DISABLE
-    if error.kind == "rate_limited":
+    if error.kind in FREE_KINDS:
         return Verdict.THROTTLED
     if error.kind in FAILING_KINDS:
         return Verdict.FAILING

@@ -42,7 +42,7 @@ from pipeline.imagefile import EXTENSIONS
 from pipeline.item import Item
 from pipeline.manifest import iter_items
 from pipeline.plan import Step, step_of
-from pipeline.providers import connect
+from pipeline.providers import Generated, connect
 from pipeline.providers.pool import Member, Pool, Suspect
 from pipeline.recorder import STORAGE_ERRORS
 from pipeline.retry import for_item
@@ -110,7 +110,7 @@ class Runner(RunCore):
         members = [
             Member(
                 e.spec,
-                connect(e.spec, session, e.base_url, e.key),
+                connect(e.spec, session, e.base_url, e.key, manifest.catalog),
                 e.spec.price_per_image if e.spec.price_per_image is not None else manifest.price_per_image,
                 manifest.backoff_cap_s,
             )
@@ -122,7 +122,11 @@ class Runner(RunCore):
             self._provider_event,
             max_outage_s=manifest.max_outage_s,
             on_verdict=self._verdict,
+            catalog=manifest.catalog,
         )
+
+    def _misconfigured(self, provider: str, why: str) -> None:
+        self._pool.disable(provider, f"misconfigured: {why}")
 
     def _provider_event(self, kind: EventKind, provider: str, message: str) -> None:
         self.summary.warnings += 1
@@ -271,6 +275,7 @@ class Runner(RunCore):
         ref = row.url if step is Step.DOWNLOAD and row else None
         received_at = time.monotonic()
         attempts = throttles = 0
+        provenance: dict[str, str | None] = {}  # what the reply said of itself
         while True:
             if ref is None:
                 try:
@@ -290,7 +295,9 @@ class Runner(RunCore):
                     return
                 if generated is None:
                     return  # the run is stopping; the item stays resumable
-                ref, provider = generated
+                result, provider = generated
+                ref = result.refs[0]
+                provenance = {"served_model": result.served_model, "service_tier": result.service_tier}
                 attempts += 1
                 received_at = time.monotonic()
                 self.recorder.generated(
@@ -305,7 +312,7 @@ class Runner(RunCore):
                 if await self._follow(item, exc, decision, attempts):
                     continue
                 return
-            await self.recorder.image(item, stored, old_file, provider)
+            await self.recorder.image(item, stored, old_file, provider, provenance)
             return
 
     def _may_send(self) -> bool:
@@ -318,16 +325,12 @@ class Runner(RunCore):
         self.summary.requests += 1
         return True
 
-    async def _generate(self, item: Item) -> tuple[str, str] | None:
-        """One paid request: the first image reference and the provider that made it, or None when the
-        run may send no more."""
+    async def _generate(self, item: Item) -> tuple[Generated, str] | None:
+        """One paid request: its reply and the provider that made it, or None when the run may send
+        no more."""
         if self._rate:
             await self._rate.acquire()
-        generated = await self._pool.generate(item, self._may_send)
-        if generated is None:
-            return None
-        result, provider = generated
-        return result.refs[0], provider
+        return await self._pool.generate(item, self._may_send)
 
     async def _download(self, item: Item, ref: str, received_at: float, old_file: str | None) -> StoredImage:
         for tries in range(1, DOWNLOAD_TRIES + 1):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.presets import ASPECT_RATIOS, ID_RE, ID_RULE
+from pipeline.catalog import parse_ratio
+from pipeline.ids import ID_RE, ID_RULE
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +144,8 @@ def _row(line: int, raw: dict[str, Any], id_field: str | None, prompt_field: str
     if ident is not None and not (isinstance(ident, str) and ID_RE.fullmatch(ident)):
         return f"{id_field}: {ident!r} {ID_RULE}"
     ratio = raw.get("aspect_ratio")
-    if ratio is not None and ratio not in ASPECT_RATIOS:
-        return f"aspect_ratio: {ratio!r} is not one of {', '.join(ASPECT_RATIOS)}"
+    if ratio is not None and (not isinstance(ratio, str) or parse_ratio(ratio) is None):
+        return f'aspect_ratio: {ratio!r} is not a W:H ratio such as "16:9"'
     count = raw.get("count")
     if isinstance(count, str) and count.isdigit():
         count = int(count)

@@ -29,6 +29,7 @@ class Summary:
     signal: int | None = None
     download_wait: Histogram = field(default_factory=Histogram)  # URL received -> download started
     providers: dict[str, dict[str, Any]] = field(default_factory=dict)  # figures by provider
+    size_mismatches: Counter[str] = field(default_factory=Counter)  # images of another size, by provider
 
     @property
     def remaining(self) -> int:
@@ -58,6 +59,7 @@ class Summary:
             "retries": dict(self.retries),
             "downloads": self.downloads,
             "warnings": self.warnings,
+            "size_mismatches": dict(self.size_mismatches),
             "handed_over": self.handed_over,
             "elapsed_s": round(self.elapsed_s, 3),
             "stopped": self.stopped,

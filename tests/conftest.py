@@ -32,6 +32,14 @@ def sim(_simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> Simulator:
     return _simulator
 
 
+def flash_size(ratio: str) -> tuple[int, int] | None:
+    """The pixels gemini-2.5-flash-image makes at an aspect ratio (the catalog's table)."""
+    from pipeline.catalog import shipped
+
+    model = shipped().find("gemini-2.5-flash-image")
+    return model.expected(ratio, None) if model else None
+
+
 def write_manifest(folder: Path, jobs: list[dict[str, Any]], **top: Any) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump({"output": str(folder / "out"), **top, "jobs": jobs}, allow_unicode=True))

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from pipeline.catalog import shipped
 from pipeline.download import Downloader
 from pipeline.errors import NoProviderLeft, PermanentError
 from pipeline.events import Event, EventKind
@@ -62,7 +63,9 @@ def test_the_recorder_reports_done_only_once_durable_and_checks_the_size(tmp_pat
         events.append((event, status_in_db(tmp_path / "state.db", event.item) if event.item else None))
 
     async def go() -> None:
-        recorder = Recorder(state, store, summary, seen, lambda exc: pytest.fail(str(exc)))
+        recorder = Recorder(
+            state, store, summary, seen, lambda exc: pytest.fail(str(exc)), shipped().find(MODEL)
+        )
         committer = asyncio.create_task(recorder.committer())
         async with aiohttp.ClientSession() as session:
             downloader = Downloader(session, store, max_bytes=10_000_000, timeout_s=5)
@@ -81,8 +84,11 @@ def test_the_recorder_reports_done_only_once_durable_and_checks_the_size(tmp_pat
     done = [(e.item, status) for e, status in events if e.kind is EventKind.DONE]
     assert sorted(done) == [("i_0", "done"), ("i_1", "done")]  # durable when reported
     warnings = [e.message for e, _ in events if e.kind is EventKind.WARNING]
-    assert warnings == ["got 1024x1024, asked 16:9 (1344x768)"]
+    assert warnings == [
+        "got 1024x1024, asked 16:9 (1344x768): p may ignore the asked size (counted, not shown again)"
+    ]
     assert summary.done == 2 and summary.warnings == 1 and dict(summary.failed) == {"invalid_request": 1}
+    assert summary.size_mismatches == {"p": 1}
     assert status_in_db(tmp_path / "state.db", "i_2") == "failed"
 
 
@@ -174,8 +180,8 @@ def test_batch_reports_done_only_once_durable_and_warns_on_sizes(tmp_path: Path,
     done = [status for e, status in seen if e.kind is EventKind.DONE]
     assert done == ["done"] * 40  # each committed before it was reported
     warnings = [e.message for e, _ in seen if e.kind is EventKind.WARNING]
-    assert len(warnings) == 40 and summary.warnings == 40
-    assert warnings[0] == "got 1024x1024, asked 16:9 (1344x768)"
+    assert len(warnings) == 1 and summary.warnings == 1 and summary.size_mismatches == {"g": 40}  # once
+    assert warnings[0].startswith("got 1024x1024, asked 16:9 (1344x768): g may ignore the asked size")
     assert all(row["aspect_ratio_mismatch"] for row in metadata(tmp_path / "out"))
 
 

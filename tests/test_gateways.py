@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.presets import ASPECT_RATIOS
 from pipeline.simulator import Simulator
-from tests.conftest import assert_dataset_consistent, failures, metadata, run, write_manifest
+from tests.conftest import assert_dataset_consistent, failures, flash_size, metadata, run, write_manifest
 
 JOBS = [
     {"id": "wide", "prompt": "A wide landscape", "aspect_ratio": "16:9"},
@@ -39,7 +38,7 @@ def test_every_reply_shape_yields_the_image(shape: str, stream: bool, tmp_path: 
     assert run("run", manifest) == 0
     rows = assert_dataset_consistent(tmp_path / "out")
     assert len(rows) == 3 and sim.stats.generations == 3
-    assert all((r["width"], r["height"]) == ASPECT_RATIOS[r["aspect_ratio"]] for r in rows)
+    assert all((r["width"], r["height"]) == flash_size(r["aspect_ratio"]) for r in rows)
     assert sim.stats.image_auth_headers == 0
 
 

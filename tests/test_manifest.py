@@ -21,7 +21,7 @@ BAD = {
     ),
     "bad aspect ratio": (
         'jobs:\n  - {prompt: a}\n  - {prompt: b}\n  - {prompt: c}\n  - prompt: d\n    aspect_ratio: "7:3"\n',
-        'jobs[3].aspect_ratio: "7:3" is not one of "1:1", "2:3"',
+        'jobs[3].aspect_ratio: "7:3" is not offered by gemini-2.5-flash-image (it takes 1:1, 2:3',
     ),
     "unquoted aspect ratio read as a number": ("jobs:\n  - {prompt: a, aspect_ratio: 16:9}\n", "quote it"),
     "empty prompt": ('jobs:\n  - {prompt: "   "}\n', 'jobs[0].prompt: must not be empty, got "   " (line 2)'),
@@ -83,8 +83,8 @@ def test_all_problems_reported_at_once(tmp_path: Path, capsys: pytest.CaptureFix
     assert [line.split(": ")[1] for line in lines] == [
         "concurrency",
         "jobs[0].prompt",
-        "jobs[1].aspect_ratio",
         "jobs[1].count",
+        "jobs[1].aspect_ratio",  # by the model's catalog entry, after the fields
     ]
 
 
@@ -107,9 +107,9 @@ def test_cross_field_problems_come_with_the_field_problems(
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(": ")[1] for line in lines] == [
         "concurrency",
-        "jobs[0].aspect_ratio",
         "jobs[3].prompt",
         "jobs[3].count",
+        "jobs[0].aspect_ratio",
         "jobs[5].prompts_file",
         "jobs[4].images[0]",
         "jobs[2].id",

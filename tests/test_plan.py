@@ -94,6 +94,7 @@ def test_dry_run_against_a_prepared_output(
         "orphaned": 1,
         "paid_requests": 7,
         "cost_usd": 3.5,
+        "unpriced": 0,
         "duration_s": 60,
         "concurrency": 2,
     }

@@ -259,7 +259,7 @@ BAD = {
     ),
     "unknown protocol": (
         "providers:\n  - {name: a, protocol: grpc}\n",
-        "providers[0].protocol: \"grpc\" is not one of 'openai-chat' or 'gemini' (line 2)",
+        "providers[0].protocol: \"grpc\" is not one of 'openai-chat', 'gemini' or 'openai-images' (line 2)",
     ),
     "bad name": ('providers:\n  - {name: "a b"}\n', "providers[0].name: String should match pattern"),
     "stream on gemini": (

@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.lock import OutputLock
-from pipeline.presets import ASPECT_RATIOS
 from pipeline.simulator import Simulator
-from tests.conftest import KEY, assert_dataset_consistent, failures, metadata, run, write_manifest
+from tests.conftest import KEY, assert_dataset_consistent, failures, flash_size, metadata, run, write_manifest
 
 JOBS = [
     {
@@ -38,7 +37,7 @@ def test_end_to_end(tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixtur
     rows = assert_dataset_consistent(out)
     assert len(rows) == ITEMS and sim.stats.generations == ITEMS
     for row in rows:
-        assert (row["width"], row["height"]) == ASPECT_RATIOS[row["aspect_ratio"]]
+        assert (row["width"], row["height"]) == flash_size(row["aspect_ratio"])
         assert row["file_name"] == f"images/{row['id']}_{row['index']}.png"
         assert row["model"] == "gemini-2.5-flash-image" and row["aspect_ratio_mismatch"] is False
         assert set(row) >= {"prompt", "sha256", "bytes", "created_at"}

@@ -64,9 +64,13 @@ BAD_ROWS = {
     "no prompt": ('{"id": "a"}\n', "p.jsonl: line 1: prompt: must be a non-empty string"),
     "blank prompt": ('{"prompt": "  "}\n', "p.jsonl: line 1: prompt: must be a non-empty string"),
     "bad id": ('{"id": "a/b", "prompt": "x"}\n', "p.jsonl: line 1: id: 'a/b' must be 1-100 characters"),
-    "bad aspect ratio": (
+    "aspect ratio the model does not offer": (
         '{"prompt": "x", "aspect_ratio": "7:3"}\n',
-        "p.jsonl: line 1: aspect_ratio: '7:3' is not one of",
+        'p.jsonl: line 1: aspect_ratio: "7:3" is not offered by gemini-2.5-flash-image',
+    ),
+    "not an aspect ratio": (
+        '{"prompt": "x", "aspect_ratio": "wide"}\n',
+        "p.jsonl: line 1: aspect_ratio: 'wide' is not a W:H ratio",
     ),
     "bad count": (
         '{"prompt": "x", "count": 0}\n',

@@ -5,6 +5,7 @@ references found (http(s) URLs or `data:` URIs), or raises the `ItemError` the r
 protocol keeps its request body and its reply classification as pure functions beside it.
 
     openai_chat   POST {base_url}/chat/completions (OpenAI-compatible gateways and relays)
+    openai_images POST {base_url}/images/generations and /images/edits (OpenAI's Images API)
     gemini        POST {base_url}/v1beta/models/{model}:generateContent (Google's native API)
     http          one request to a provider's API: timeouts, aiohttp's exceptions as ours, no redirects
     controller    per-provider concurrency that finds the provider's limit; a circuit breaker
@@ -20,6 +21,7 @@ from typing import Protocol as _Protocol
 
 import aiohttp
 
+from pipeline.catalog import Catalog
 from pipeline.item import Item
 from pipeline.manifest import ProviderSpec
 from pipeline.secret import Secret
@@ -32,16 +34,28 @@ class Generated:
     refs: list[str]
     remaining: int | None = None  # requests left in the current window
     reset_s: float | None = None  # until the window resets
+    served_model: str | None = None  # the model the reply says made the image (`model`, `modelVersion`)
+    service_tier: str | None = None  # the tier that served it (`usageMetadata.serviceTier`)
+    usage: dict[str, int] | None = None  # tokens by kind (input_text, output_image, ...), for the cost
 
 
 class Client(_Protocol):
     async def generate(self, item: Item) -> Generated: ...
 
 
-def connect(spec: ProviderSpec, session: aiohttp.ClientSession, base_url: str, key: Secret) -> Client:
-    """The client for a provider's protocol."""
+def connect(
+    spec: ProviderSpec,
+    session: aiohttp.ClientSession,
+    base_url: str,
+    key: Secret,
+    catalog: Catalog | None = None,
+) -> Client:
+    """The client for a provider's protocol (`catalog`: the models known, for the sizes to ask)."""
     from pipeline.providers.gemini import GeminiClient
     from pipeline.providers.openai_chat import OpenAIChatClient
+    from pipeline.providers.openai_images import OpenAIImagesClient
 
+    if spec.protocol == "openai-images":
+        return OpenAIImagesClient(session, base_url, key, spec, catalog)
     kind = GeminiClient if spec.protocol == "gemini" else OpenAIChatClient
     return kind(session, base_url, key, spec)

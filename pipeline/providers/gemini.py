@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import mimetypes
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from pipeline.classify import (
+    DAILY_LIMIT,
     clip,
     daily_cap,
     describe_body,
@@ -25,21 +27,27 @@ from pipeline.classify import (
     no_image,
     parse_json,
     parse_retry_after,
+    reply_field,
+    retired,
 )
 from pipeline.errors import FatalError, ItemError, PermanentError, RefusalError, RetryableError
 from pipeline.extract import extract_images
 from pipeline.item import Item
-from pipeline.manifest import MAX_REFERENCE_BYTES, ProviderSpec
+from pipeline.manifest import ProviderSpec
 from pipeline.providers import Generated
-from pipeline.providers.http import request_timeout, send
+from pipeline.providers.http import fetch_reference, request_timeout, send
 from pipeline.secret import Secret
 
 FATAL_STATUSES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "FAILED_PRECONDITION", "NOT_FOUND"}
+NO_MONEY = re.compile(r"credit|billing|prepa", re.IGNORECASE)  # "prepayment credits are depleted"
 FATAL_REASONS = {"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "BILLING_DISABLED", "SERVICE_DISABLED"}
 
 
-def request_body(item: Item, inline: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """The section 1 body: the prompt, then each reference image as (mime type, base64) inlineData."""
+def request_body(
+    item: Item, inline: list[tuple[str, str]] | None = None, service_tier: str | None = None
+) -> dict[str, Any]:
+    """The section 1 body: the prompt, then each reference image as (mime type, base64) inlineData;
+    `service_tier` (flex: half price, minutes, sheddable) at the top level when asked for."""
     parts: list[dict[str, Any]] = [{"text": item.prompt}]
     parts += [{"inlineData": {"mimeType": mime, "data": data}} for mime, data in inline or ()]
     config: dict[str, Any] = {"responseModalities": ["IMAGE"]}
@@ -47,7 +55,19 @@ def request_body(item: Item, inline: list[tuple[str, str]] | None = None) -> dic
     image_config = {key: value for key, value in image_config.items() if value}
     if image_config:
         config["imageConfig"] = image_config
-    return {"contents": [{"role": "user", "parts": parts}], "generationConfig": config}
+    body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}], "generationConfig": config}
+    if service_tier:
+        body["service_tier"] = service_tier
+    return body
+
+
+def shed(outcome: ItemError, status: int, text: str) -> ItemError:
+    """For a flex request: a 503, or a 429 that names no quota, is a request shed for capacity (not
+    billed): tried again later at no attempt's cost. Other outcomes are returned as they are."""
+    quota = "QuotaFailure" in text or bool(DAILY_LIMIT.search(text) or NO_MONEY.search(text))
+    if status == 503 or (status == 429 and not quota):
+        return RetryableError(f"flex request shed: {outcome.message}", kind="shed")
+    return outcome
 
 
 def classify_gemini(
@@ -59,7 +79,7 @@ def classify_gemini(
     now = now or datetime.now(UTC)
     retry_after = parse_retry_after(headers.get("retry-after"), now)
     if status != 200 or not isinstance(data, dict) or isinstance(data.get("error"), dict):
-        return daily_cap(error_of(status, data, retry_after, text), headers, text, now)
+        return daily_cap(retired(error_of(status, data, retry_after, text), text), headers, text, now)
     return judge(data)
 
 
@@ -145,6 +165,7 @@ class GeminiClient:
         self._session = session
         self._key = key
         self._model = spec.model
+        self._tier = spec.service_tier
         self._base = base_url.rstrip("/")
         self._timeout = request_timeout(spec)
         self._inline: dict[str, tuple[str, str]] = {}
@@ -153,38 +174,25 @@ class GeminiClient:
         url = f"{self._base}/v1beta/models/{self._model or item.model}:generateContent"
         inline = [await self.inline_reference(ref) for ref in item.images]
         headers = {"x-goog-api-key": self._key.reveal()}
+        request = request_body(item, inline, self._tier)
         status, reply_headers, body = await send(
-            self._session, "POST", url, request_body(item, inline), headers, self._timeout, self._key
+            self._session, "POST", url, request, headers, self._timeout, self._key
         )
         outcome = classify_gemini(status, reply_headers, body)
         if isinstance(outcome, ItemError):
+            if self._tier == "flex":
+                outcome = shed(outcome, status, body[:4096].decode("utf-8", "replace"))
             raise self._key.scrub(outcome)
-        return Generated(outcome)
+        tier = reply_field(body, "serviceTier")
+        return Generated(outcome, served_model=reply_field(body, "modelVersion"), service_tier=tier)
 
     async def inline_reference(self, ref: str) -> tuple[str, str]:
         """A reference image as (mime type, base64), read or fetched once per run (never with the key)."""
         if ref not in self._inline:
             if ref.startswith(("http://", "https://")):
-                data, mime = await self._fetch(ref)
+                data, mime = await fetch_reference(self._session, ref, self._timeout)
             else:
                 data = await asyncio.to_thread(Path(ref).read_bytes)
                 mime = mimetypes.guess_type(ref)[0] or "image/png"
             self._inline[ref] = (mime, base64.b64encode(data).decode())
         return self._inline[ref]
-
-    async def _fetch(self, url: str) -> tuple[bytes, str]:
-        try:
-            async with self._session.get(url, timeout=self._timeout) as resp:
-                if resp.status != 200:
-                    raise PermanentError(
-                        f"reference image {url[:80]}: HTTP {resp.status}", kind="bad_reference"
-                    )
-                data = await resp.content.read(MAX_REFERENCE_BYTES + 1)
-                mime = resp.content_type or "image/png"
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise RetryableError(f"reference image {url[:80]}: {type(exc).__name__}", kind="network") from exc
-        if len(data) > MAX_REFERENCE_BYTES:
-            raise PermanentError(
-                f"reference image {url[:80]}: larger than {MAX_REFERENCE_BYTES} bytes", kind="bad_reference"
-            )
-        return data, mime

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.classify import classify, classify_data, rate_headers
+from pipeline.classify import classify, classify_data, rate_headers, reply_field
 from pipeline.errors import ItemError, NoImageError, RetryableError
 from pipeline.item import Item
 from pipeline.manifest import ProviderSpec
@@ -77,7 +77,7 @@ class OpenAIChatClient:
         outcome = self._classify(status, reply_headers, reply)
         if isinstance(outcome, ItemError):
             raise self._key.scrub(outcome)
-        return Generated(outcome, *rate_headers(reply_headers))
+        return Generated(outcome, *rate_headers(reply_headers), reply_field(reply, "model"))
 
     async def _reference(self, ref: str) -> str:
         """An image reference as sent: a URL as is, a file as a data: URI read once per run."""

@@ -36,16 +36,23 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 
+from pipeline.catalog import Catalog, Tier
 from pipeline.errors import ItemError, NoProviderLeft, PipelineError, RefusalError
 from pipeline.events import EventKind
 from pipeline.item import Item
 from pipeline.manifest import ProviderSpec
-from pipeline.presets import list_price
 from pipeline.providers import Client, Generated
 from pipeline.providers.controller import Breaker, Controller
 from pipeline.retry import Verdict, for_provider
 
 RATE_POLL_S = 0.05  # how often a provider held back by its requests_per_minute is looked at again
+
+
+def served_tier(reply: str | None, asked: str | None) -> Tier:
+    """The price tier of a reply: the tier it says served it (`usageMetadata.serviceTier`), else the one
+    asked for."""
+    said = (reply or asked or "standard").lower()
+    return "flex" if said == "flex" else "standard"
 
 
 class Suspect(PipelineError):
@@ -67,6 +74,7 @@ class ProviderStats:
     cost_usd: float = 0.0
     disabled: str | None = None  # why the provider was taken out for the rest of the run
     down: bool = False  # taken out by an outage (it may come back later), not by its answers
+    served: Counter[str] = field(default_factory=Counter)  # images made by another model than asked
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +85,7 @@ class ProviderStats:
             "cost_usd": round(self.cost_usd, 4),
             "disabled": self.disabled,
             "down": self.down,
+            "served_by_other_models": dict(self.served),
         }
 
 
@@ -144,6 +153,7 @@ class Pool:
         *,
         max_outage_s: float = 600.0,
         on_verdict: Callable[[str, bool], None] = lambda *_: None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.members = members
         self._limit = limit  # generation requests in flight over the whole pool
@@ -152,6 +162,7 @@ class Pool:
         self._on_event = on_event  # (kind, provider, message): provider_disabled, provider_down
         self._on_verdict = on_verdict  # (provider, its fault): the end of a provider's streak of suspects
         self._max_outage_s = max_outage_s
+        self._catalog = catalog or Catalog({})  # the models known: prices, replacements, aliases
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {m.name: m.stats.as_dict() for m in self.members}
@@ -181,7 +192,7 @@ class Pool:
                 try:
                     result = await member.client.generate(item)
                 except ItemError as exc:
-                    if self._failed(member, exc, level) is Verdict.DISABLE:
+                    if self._failed(member, item, exc, level) is Verdict.DISABLE:
                         continue  # the provider's fault: another provider, or NoProviderLeft
                     raise
                 self._succeeded(member, item, result, level)
@@ -217,6 +228,12 @@ class Pool:
                     async with asyncio.timeout(timeout):
                         await self._changed.wait()
 
+    def disable(self, name: str, reason: str) -> None:
+        """Take a provider out for the rest of the run (the runner found it misconfigured)."""
+        for member in self.members:
+            if member.name == name:
+                self._disable(member, reason)
+
     def _declare_outages(self, now: float) -> None:
         for member in self.members:
             if not member.stats.disabled and member.is_down(now, self._max_outage_s):
@@ -240,11 +257,29 @@ class Pool:
         member.outage_from, member.last_error = None, ""
         self._end_streak(member, provider_fault=False)
         member.stats.images += 1
-        member.stats.cost_usd += (
-            member.price if member.price is not None else list_price(item.model, item.image_size)
-        )
+        served, asked = result.served_model, member.spec.model or item.model
+        if served and not self._catalog.same_model(asked, served):
+            member.stats.served[served] += 1
+            if sum(member.stats.served.values()) == 1:
+                text = f"asked for {asked}, served by {served} (recorded as served_model)"
+                self._on_event(EventKind.PROVIDER_REROUTED, member.name, text)
+        member.stats.cost_usd += self._cost(member, item, result)
 
-    def _failed(self, member: Member, exc: ItemError, level: int) -> Verdict:
+    def _cost(self, member: Member, item: Item, result: Generated) -> float:
+        """USD for one image: the provider's price; else by the reply's token usage where the catalog
+        has token prices; else the served model's list price at the tier that served it (0: unknown)."""
+        if member.price is not None:
+            return member.price
+        model = self._catalog.find(result.served_model or item.model) or self._catalog.find(item.model)
+        if model is None:
+            return 0.0
+        by_tokens = model.token_cost(result.usage or {})
+        if by_tokens is not None:
+            return by_tokens
+        tier = served_tier(result.service_tier, member.spec.service_tier)
+        return model.price(item.image_size, tier) or 0.0
+
+    def _failed(self, member: Member, item: Item, exc: ItemError, level: int) -> Verdict:
         """Counts the failure against its provider; raises Suspect for a plain permanent error whose
         fault is not known yet."""
         member.stats.errors[exc.kind] += 1
@@ -261,13 +296,14 @@ class Pool:
                 self._on_event(
                     EventKind.PROVIDER_DOWN, member.name, f"failing ({exc.message}): out for {cooldown:g} s"
                 )
-        else:
-            member.breaker.succeeded()  # it answered: alive
+        else:  # it answered: alive
+            member.breaker.succeeded()
+            member.outage_from, member.last_error = None, ""
         if verdict in (Verdict.THROTTLED, Verdict.FAILING):
             member.last_error = exc.message
         elif verdict is Verdict.DISABLE:
             text = f"the same error on {same + 1} items in a row: {exc.message}" if same else exc.message
-            self._disable(member, text)
+            self._disable(member, self._retired(member, item, exc) or text)
         elif verdict is Verdict.SUSPECT:
             if same == 0:
                 self._end_streak(member, provider_fault=False)  # another error: the last streak was theirs
@@ -278,6 +314,19 @@ class Pool:
                 member.stats.refusals += 1
             self._end_streak(member, provider_fault=False)
         return verdict
+
+    def _retired(self, member: Member, item: Item, exc: ItemError) -> str | None:
+        """The message for a model the provider no longer serves: which, and what replaces it."""
+        if exc.kind != "model_retired":
+            return None
+        name = member.spec.model or item.model
+        known = self._catalog.find(name)
+        instead = (
+            f"; the catalog's replacement: {known.entry.replacement}"
+            if known and known.entry.replacement
+            else ""
+        )
+        return f"model {name} is retired or unknown here ({exc.message}){instead}"
 
     def _end_streak(self, member: Member, provider_fault: bool) -> None:
         if member.streak[1]:

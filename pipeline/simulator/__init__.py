@@ -30,12 +30,14 @@ from urllib.parse import quote
 from aiohttp import web
 from PIL import Image, ImageDraw
 
-from pipeline.presets import MODELS
+from pipeline.catalog import shipped
 from pipeline.simulator.batch import BatchService
 from pipeline.simulator.wire import (
+    ImagesWire,
     NativeWire,
     OpenAIWire,
     Wire,
+    _Asked,
     _completion,
     _google_error,
     _image_size,
@@ -44,6 +46,7 @@ from pipeline.simulator.wire import (
     _send,
     _split_message,
     _truncated,
+    images_reply,
 )
 
 
@@ -98,6 +101,11 @@ class SimConfig:
         "markdown"  # markdown | markdown_data | bare_data | images | parts_base64 | native | redirect
     )
     ignore_aspect_ratio: bool = False  # like relays that always return 1024x1024
+    served_model: str | None = None  # replies say this model made the image (a relay that re-routes)
+    retired_models: tuple[str, ...] = ()  # asked for one of these: the protocol's "no such model" answer
+    flex_shed_rate: float = 0.0  # flex requests shed for capacity (503, or 429 RESOURCE_EXHAUSTED)
+    flex_latency_s: float = 0.0  # added to a flex request's latency (flex answers in minutes)
+    flex_served_tier: str | None = None  # a flex reply says this tier served it (default: flex)
     url_ttl_s: float = 3600.0
     image_scale: int = 1  # divide image sizes by this (benchmarks: small images)
     distinct_images: int = 0  # 0: a picture per token; N: only N pictures, drawn once (benchmarks)
@@ -108,6 +116,7 @@ class SimConfig:
     batch_page_size: int = 10  # batches listed per page
     batch_rate_429: float = 0.0  # results lines that are a 429 error
     batch_rate_500: float = 0.0  # results lines that are a 500 error
+    batch_polls_fail: bool = False  # every get of a job answers 503 (the batch API is down)
 
 
 @dataclass
@@ -161,6 +170,8 @@ class Simulator:
         self.image_origin, self.cdn_origin = await self._serve(image_app, host, image_port, 0)
         api_app = web.Application(client_max_size=64 * 1024 * 1024)
         api_app.router.add_post("/v1/chat/completions", self._chat)
+        api_app.router.add_post("/v1/images/generations", self._images)
+        api_app.router.add_post("/v1/images/edits", self._edits)
         for version in ("v1beta", "v1"):  # SDK 3.x says v1, Google's docs and SDK 2.x v1beta
             api_app.router.add_post(f"/{version}/models/{{call}}", self._native)
         self.batch.add_routes(api_app)
@@ -198,6 +209,14 @@ class Simulator:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._counted(request, OpenAIWire())
 
+    async def _images(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, ImagesWire())
+
+    async def _edits(self, request: web.Request) -> web.StreamResponse:
+        wire = ImagesWire()
+        wire.edit = True
+        return await self._counted(request, wire)
+
     async def _native(self, request: web.Request) -> web.StreamResponse:
         model, _, method = request.match_info["call"].partition(":")
         if method == "batchGenerateContent":
@@ -233,14 +252,13 @@ class Simulator:
         if refused is not None:
             return refused
         try:
-            body = await request.json()
-            asked = wire.parse(body)
+            asked, stream = await wire.read(request)
         except ValueError as exc:
             echo = f" (sent with {request.headers.get('Authorization')})" if c.echo_auth else ""
             return wire.bad_request(f"{exc}{echo}")
-        prompt, ratio, inputs = asked.prompt, asked.aspect_ratio, asked.inputs
+        prompt, ratio = asked.prompt, asked.aspect_ratio
         said.append(prompt)
-        staged = self._staged(request, prompt)
+        staged = self._staged(request, prompt) or self._retired(wire, asked.model) or self._shed(asked)
         if staged is not None:
             return staged
         nth = self._asked[f"{prompt}\x1f{ratio}"]
@@ -257,7 +275,6 @@ class Simulator:
         await asyncio.sleep(c.hang_s if fault == "hang" else self._latency(rng))
         if fault == "500" or (fault == "error200" and isinstance(wire, NativeWire)):
             return wire.server_error(rng.choice((500, 502, 503)))
-        stream = body.get("stream") is True
         if fault == "error200":
             error = {"error": {"message": "upstream error (request id: sim-200)", "type": "upstream_error"}}
             return await _send(request, [error], stream)
@@ -266,21 +283,38 @@ class Simulator:
             return await wire.refused(request, stream, prompt_blocked=blocked)
         if fault == "no_image":
             return await wire.no_image(request, stream)
+        expires = time.time() - 1 if fault == "expired" else None
+        response = await self._generated(request, wire, asked, nth, expires, stream)
+        response.headers.update(rate_headers)
+        return response
+
+    async def _generated(
+        self, request: web.Request, wire: Wire, asked: _Asked, nth: int, expires: float | None, stream: bool
+    ) -> web.StreamResponse:
+        """A successful generation, counted, in the protocol's shape."""
+        c, prompt, inputs = self.config, asked.prompt, asked.inputs
         self.stats.generations += 1
         self.stats.prompts[prompt] += 1
         token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
-        expires = time.time() - 1 if fault == "expired" else None
         self.stats.reference_images.extend(hashlib.sha256(data).hexdigest() for data in inputs)
         size = (
-            self._size(ratio, asked.model, asked.image_size)
-            if ratio or not inputs
+            self._size(asked.aspect_ratio, asked.model, asked.image_size, asked.pixels)
+            if asked.aspect_ratio or not inputs
             else _image_size(inputs[0])
         )
+        served = c.served_model or asked.model
+        if isinstance(wire, ImagesWire):
+            return web.json_response(images_reply(c.image_bytes or render_png(*size, token), served))
         if isinstance(wire, NativeWire):
-            return web.json_response(_native_image(asked.model, c.image_bytes or render_png(*size, token)))
-        response = await _send(request, self._image_reply(size, token, expires), stream)
-        response.headers.update(rate_headers)
-        return response
+            flex = asked.service_tier == "flex"
+            if flex:
+                await asyncio.sleep(c.flex_latency_s)
+            tier = (c.flex_served_tier or "flex") if flex else None
+            return web.json_response(_native_image(served, c.image_bytes or render_png(*size, token), tier))
+        chunks = self._image_reply(size, token, expires)
+        for chunk in chunks:
+            chunk["model"] = served
+        return await _send(request, chunks, stream)
 
     def _over_limits(self, wire: Wire) -> tuple[web.Response | None, dict[str, str]]:
         """A refusal for a request over the hidden cap or the quota (or with no quota left); else
@@ -296,6 +330,31 @@ class Simulator:
             self.stats.faults["over_quota"] += 1
             return wire.throttled(wait), {}
         return None, rate_headers
+
+    def _shed(self, asked: _Asked) -> web.Response | None:
+        """A flex request shed for capacity, drawn per prompt and try like the other faults."""
+        c = self.config
+        if asked.service_tier != "flex":
+            return None
+        self.stats.faults["flex_requests"] += 1
+        if not c.flex_shed_rate:
+            return None
+        nth = self._asked[f"flex\x1f{asked.prompt}"]
+        self._asked[f"flex\x1f{asked.prompt}"] += 1
+        roll = random.Random(f"{c.seed}\x1fflex\x1f{asked.prompt}\x1f{nth}").random()
+        if roll >= c.flex_shed_rate:
+            return None
+        self.stats.faults["shed"] += 1
+        if roll < c.flex_shed_rate / 2:
+            return _google_error(503, "UNAVAILABLE", "The service is currently unavailable.")
+        return _google_error(429, "RESOURCE_EXHAUSTED", "Flex capacity is exhausted. Please try again later.")
+
+    def _retired(self, wire: Wire, model: str) -> web.Response | None:
+        """A model shut down: Google's 404, or a relay's deprecation notice (OpenAI's code)."""
+        if model not in self.config.retired_models:
+            return None
+        self.stats.faults["retired"] += 1
+        return wire.retired(model)
 
     def _staged(self, request: web.Request, prompt: str) -> web.StreamResponse | None:
         """A failure the test staged: an outage window, or a scripted reply."""
@@ -344,7 +403,8 @@ class Simulator:
             if ratio or not asked.inputs
             else _image_size(asked.inputs[0])
         )
-        return {"key": key, "response": _native_image(model, c.image_bytes or render_png(*size, token))}
+        png = c.image_bytes or render_png(*size, token)
+        return {"key": key, "response": _native_image(c.served_model or model, png)}
 
     def _quota(self) -> tuple[float | None, dict[str, str]]:
         """Under a per-window quota: (None, rate-limit headers) for a request let through, or (seconds
@@ -460,11 +520,16 @@ class Simulator:
         return f"{self.image_origin}{via}{path}?Expires={exp}&Signature={signature}"
 
     def _size(
-        self, ratio: str | None, model: str = "gemini-2.5-flash-image", image_size: str | None = None
+        self,
+        ratio: str | None,
+        model: str = "gemini-2.5-flash-image",
+        image_size: str | None = None,
+        pixels: tuple[int, int] | None = None,
     ) -> tuple[int, int]:
-        spec = MODELS[model]
+        spec = shipped().find(model)
         ratio = "1:1" if self.config.ignore_aspect_ratio or not ratio else ratio
-        width, height = spec.size(ratio, image_size if image_size in spec.sizes else None) or (1024, 1024)
+        pixels = None if self.config.ignore_aspect_ratio else pixels
+        width, height = pixels or (spec.pixels(ratio, image_size) if spec else (1024, 1024))
         return width // self.config.image_scale, height // self.config.image_scale
 
     async def _redirect(self, request: web.Request) -> web.Response:

@@ -300,6 +300,8 @@ class BatchService:
     async def _get(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
             return denied
+        if self._config_of().batch_polls_fail:
+            return _error(503, "UNAVAILABLE", "The service is currently unavailable.")
         batch = self.batches.get(f"batches/{request.match_info['call']}")
         if batch is None:
             return _error(404, "NOT_FOUND", "no such batch")

@@ -7,15 +7,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from PIL import Image
 
+from pipeline.catalog import shipped
 from pipeline.extract import decode_data_uri
-from pipeline.presets import MODELS, SEED
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class _Asked:
     aspect_ratio: str | None
     image_size: str | None
     inputs: list[bytes]
+    service_tier: str | None = None  # native: flex asked for
+    pixels: tuple[int, int] | None = None  # images API: the exact size asked for
 
 
 def _parse_request(body: Any) -> _Asked:
@@ -34,7 +39,7 @@ def _parse_request(body: Any) -> _Asked:
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
     model = body.get("model")
-    if model not in MODELS:
+    if not isinstance(model, str) or shipped().find(model) is None:
         raise ValueError(f"model {model!r} is not served here")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
@@ -61,8 +66,9 @@ def _parse_request(body: Any) -> _Asked:
 
 def _image_config(model: str, ratio: Any, image_size: Any) -> tuple[str | None, str | None]:
     """The aspect ratio and image size asked for, as the model takes them (ValueError if it does not)."""
-    spec = MODELS[model]
-    if ratio is not None and ratio not in SEED.sizes[None]:
+    spec = shipped().find(model)
+    assert spec is not None
+    if ratio is not None and not (isinstance(ratio, str) and spec.takes_ratio(ratio)):
         raise ValueError(f"invalid aspect_ratio {ratio!r}")
     if spec.image_sizes and image_size is not None and image_size not in spec.image_sizes:
         raise ValueError(f"invalid image_size {image_size!r}: one of {', '.join(spec.image_sizes)}")
@@ -71,7 +77,7 @@ def _image_config(model: str, ratio: Any, image_size: Any) -> tuple[str | None, 
 
 def _parse_native(model: str, body: Any) -> _Asked:
     """What a native generateContent body asks for (either casing), or ValueError as Google says it."""
-    if model not in MODELS:
+    if shipped().find(model) is None:
         raise ValueError(f"models/{model} is not found")
     if not isinstance(body, dict):
         raise ValueError("Invalid JSON payload received.")
@@ -97,11 +103,16 @@ def _parse_native(model: str, body: Any) -> _Asked:
     image = config.get("imageConfig") or config.get("image_config") or {}
     ratio = image.get("aspectRatio") or image.get("aspect_ratio")
     size = image.get("imageSize") or image.get("image_size")
-    return _Asked(model, " ".join(texts), *_image_config(model, ratio, size), inputs)
+    tier = body.get("service_tier") or body.get("serviceTier")
+    if tier not in (None, "standard", "flex", "priority"):
+        raise ValueError(f"Invalid value at 'service_tier' ({tier!r})")
+    return _Asked(model, " ".join(texts), *_image_config(model, ratio, size), inputs, tier)
 
 
 NATIVE_FIELDS = {
     "contents",
+    "service_tier",
+    "serviceTier",
     "generationConfig",
     "generation_config",
     "safetySettings",
@@ -145,11 +156,20 @@ class OpenAIWire:
             429, "上游负载已饱和 (request id: sim-quota)", "insufficient_quota", "insufficient_quota"
         )
 
+    async def read(self, request: web.Request) -> tuple[_Asked, bool]:
+        """What the request asks for, and whether it asks for a stream (ValueError if it is wrong)."""
+        body = await request.json()
+        return self.parse(body), isinstance(body, dict) and body.get("stream") is True
+
     def parse(self, body: Any) -> _Asked:
         return _parse_request(body)
 
     def bad_request(self, message: str) -> web.Response:
         return _error(400, message, "invalid_request_error", None)
+
+    def retired(self, model: str) -> web.Response:
+        message = f"The model {model} has been deprecated"
+        return _error(404, message, "invalid_request_error", "model_not_found")
 
     def server_error(self, status: int) -> web.Response:
         page = f"<html><head><title>{status} Bad Gateway</title></head><body>nginx</body></html>"
@@ -194,8 +214,16 @@ class NativeWire:
     def quota_exhausted(self) -> web.Response:
         return _google_error(429, "RESOURCE_EXHAUSTED", "Your prepayment credits are depleted.")
 
+    async def read(self, request: web.Request) -> tuple[_Asked, bool]:
+        return self.parse(await request.json()), False
+
     def parse(self, body: Any) -> _Asked:
         return _parse_native(self.model, body)
+
+    def retired(self, model: str) -> web.Response:
+        message = f"models/{model} is not found for API version v1beta, or is not supported for"
+        message += " generateContent."
+        return _google_error(404, "NOT_FOUND", message)
 
     def bad_request(self, message: str) -> web.Response:
         if "is not found" in message:
@@ -216,13 +244,101 @@ class NativeWire:
         return web.json_response({"candidates": [{"content": {}, "finishReason": "NO_IMAGE", "index": 0}]})
 
 
-Wire = OpenAIWire | NativeWire
+class ImagesWire(OpenAIWire):
+    """OpenAI's Images API: generations (JSON) and edits (multipart, `image[]` files); `b64_json`
+    replies with token `usage`; `moderation_blocked` refusals (shared/provider-api-openai-images.md)."""
+
+    edit = False
+
+    async def read(self, request: web.Request) -> tuple[_Asked, bool]:
+        if not self.edit:
+            return self.parse(await request.json()), False
+        fields: dict[str, Any] = {}
+        inputs = []
+        async for part in await request.multipart():
+            if isinstance(part, BodyPartReader) and part.name in ("image[]", "image"):
+                inputs.append(bytes(await part.read()))
+            elif isinstance(part, BodyPartReader) and part.name:
+                fields[part.name] = await part.text()
+        if not inputs:
+            raise ValueError("image[] is required for an edit")
+        return _parse_images(fields, inputs), False
+
+    def parse(self, body: Any) -> _Asked:
+        return _parse_images(body, [])
+
+    async def refused(self, request: web.Request, stream: bool, prompt_blocked: bool) -> web.StreamResponse:
+        message = "Your request was rejected as a result of our safety system."
+        return _error(400, message, "image_generation_user_error", "moderation_blocked")
+
+    async def no_image(self, request: web.Request, stream: bool) -> web.StreamResponse:
+        return web.json_response({"created": int(time.time()), "data": []})
 
 
-def _native_image(model: str, png: bytes) -> dict[str, Any]:
+def _parse_images(body: Any, inputs: list[bytes]) -> _Asked:
+    """What an images request asks for (section 1), or ValueError as OpenAI words it."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    model = str(body.get("model"))
+    known = shipped().find(model)
+    if known is None or "openai-images" not in known.entry.protocols:
+        raise ValueError(f"The model {model!r} does not exist or is not served on this endpoint")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt is required")
+    if str(body.get("n", 1)) != "1":
+        raise ValueError("this simulator makes n=1")
+    size = str(body.get("size") or "auto")
+    if size == "auto":
+        return _Asked(model, prompt, None, None, inputs)
+    match = re.fullmatch(r"([1-9]\d{1,4})x([1-9]\d{1,4})", size)
+    if match is None:
+        raise ValueError(f"Invalid size {size!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    bounds = known.entry.any_ratio
+    if bounds and (width % bounds.multiple_of or height % bounds.multiple_of):
+        raise ValueError(f"Invalid size {size!r}: both sides must be multiples of {bounds.multiple_of}")
+    ratio_ok = bounds is None or bounds.min_ratio <= width / height <= bounds.max_ratio
+    if not ratio_ok or width * height > 8_294_400:
+        raise ValueError(f"Invalid size {size!r}: the ratio or area is out of range")
+    return _Asked(model, prompt, f"{width}:{height}", None, inputs, pixels=(width, height))
+
+
+def with_provenance(png: bytes) -> bytes:
+    """A PNG with a C2PA-style `caBX` chunk before IEND, as OpenAI's images carry: proof that the bytes
+    were stored as sent, never re-encoded."""
+    payload = b"c2pa: simulated provenance manifest"
+    chunk = struct.pack(">I", len(payload)) + b"caBX" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"caBX" + payload) & 0xFFFFFFFF)
+    return png[:-12] + chunk + png[-12:]  # IEND is the last 12 bytes
+
+
+def images_reply(png: bytes, model: str) -> dict[str, Any]:
+    usage = {
+        "input_tokens": 50,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 40},
+        "output_tokens": 1056,
+        "output_tokens_details": {"image_tokens": 1056, "text_tokens": 0},
+        "total_tokens": 1106,
+    }
+    return {
+        "created": int(time.time()),
+        "model": model,
+        "output_format": "png",
+        "data": [{"b64_json": base64.b64encode(with_provenance(png)).decode(), "revised_prompt": None}],
+        "usage": usage,
+    }
+
+
+Wire = OpenAIWire | NativeWire | ImagesWire
+
+
+def _native_image(model: str, png: bytes, service_tier: str | None = None) -> dict[str, Any]:
     part = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}}
     candidate = {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}
-    usage = {"promptTokenCount": 16, "candidatesTokenCount": 1290, "totalTokenCount": 1306}
+    usage: dict[str, Any] = {"promptTokenCount": 16, "candidatesTokenCount": 1290, "totalTokenCount": 1306}
+    if service_tier:
+        usage["serviceTier"] = service_tier
     return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model}
 
 
@@ -299,7 +415,9 @@ def _merge(chunks: list[dict[str, Any]]) -> dict[str, Any]:
                 joinable = isinstance(value, str) and isinstance(message.get(key), str) and key == "content"
                 message[key] = message[key] + value if joinable else value
             finish = choice.get("finish_reason") or finish
-    return _completion(message, finish)
+    merged = _completion(message, finish)
+    merged["model"] = chunks[-1].get("model", merged["model"])
+    return merged
 
 
 def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:
