@@ -1,16 +1,20 @@
-"""Batch runs: Google's Batch Mode at half price, from the manifest to a verified dataset, resumable.
+"""Batch runs at half price (Google's Batch Mode, OpenAI's Batch API), from the manifest to a
+verified dataset, resumable: one runner, whatever the provider.
 
 Beside the online runner, not inside it: batch mode changes when results arrive (submit, poll,
-collect), not how a reply is read (the gemini classification) or how an image lands (the same
-verified write path, state and metadata).
+collect), not how a reply is read (each protocol's classification) or how an image lands (the same
+verified write path, state and metadata). Each provider's batch API is a wire module beneath it
+(`pipeline.providers.BatchApi`: `gemini_batch`, `openai_batch`), as the online protocols are beneath
+the pool.
 
 Never pay twice, never lose a job:
 - A job is recorded with a deterministic display name and the items it holds before anything is
   sent. A job still `creating` (the run died, or the create's reply was lost) is looked for by that
   name on every page of the provider's list and adopted; it is created only when it is not there.
-- An item held by a job not yet collected or ended goes into no other job. A job that ends FAILED,
-  CANCELLED or EXPIRED gives its items back; a SUCCEEDED one is collected once: its results file is
-  streamed to disk, then its lines are decoded, verified and spooled several at a time in worker
+- An item held by a job not yet collected or ended goes into no other job. A job that ends failed,
+  cancelled (or expired, on Google) gives its items back; a succeeded one is collected once (on
+  OpenAI an expired one too, for what it made): its results files (OpenAI: output and errors) are
+  streamed to disk, then their lines are decoded, verified and spooled several at a time in worker
   processes (`pipeline.collect`: a line is an image of 1-2 MB in base64), each put in place and
   recorded by the run core's recorder (`done` only once durable, sizes checked as online), and a
   line whose image is already recorded is skipped.
@@ -30,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import aiofiles
@@ -43,13 +48,10 @@ from pipeline.events import EventKind
 from pipeline.item import Item, Status
 from pipeline.manifest import iter_items
 from pipeline.plan import Step, plan_items
-from pipeline.providers.gemini import GeminiClient, request_body
-from pipeline.providers.gemini_batch import BatchClient
+from pipeline.providers import BatchJob, connect_batch
 from pipeline.retry import Action, for_item
 from pipeline.state import OPEN_STAGES
 
-SUCCEEDED = "BATCH_STATE_SUCCEEDED"
-ENDED = ("BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED")
 MAX_POLL_S = 300.0  # polls back off to this
 STEP_TRIES = 3  # submitting or polling, tried this often through transient failures before the run stops
 LINES_PER_WORKER = 2  # results lines in the works at once, per worker process
@@ -85,13 +87,11 @@ class BatchRunner(RunCore):
     async def _session(self) -> None:
         endpoint = self._endpoint
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-            self._api = BatchClient(session, endpoint.base_url, endpoint.key, endpoint.spec.timeout_s)
-            self._references = GeminiClient(session, endpoint.base_url, endpoint.key, endpoint.spec)
+            self._api = connect_batch(
+                endpoint.spec, session, endpoint.base_url, endpoint.key, self.manifest.catalog
+            )
             self._writer = Downloader(
-                session,
-                self.store,
-                max_bytes=self._max_bytes,
-                timeout_s=endpoint.spec.timeout_s,
+                session, self.store, max_bytes=self._max_bytes, timeout_s=endpoint.spec.read_timeout_s
             )
             try:
                 await self._poll_loop()
@@ -181,7 +181,7 @@ class BatchRunner(RunCore):
                 self.stop("max_requests")
                 break
             chunk.append(item)
-            if len(chunk) == self.manifest.batch.max_requests:
+            if len(chunk) == min(self.manifest.batch.max_requests, self._api.max_requests):
                 await self._new_job(chunk)
                 chunk = []
         if chunk:
@@ -206,8 +206,7 @@ class BatchRunner(RunCore):
         path = self.store.spool / f"{display_name}.jsonl"
         async with aiofiles.open(path, "w") as out:
             for item in items:
-                inline = [await self._references.inline_reference(ref) for ref in item.images]
-                await out.write(json.dumps({"key": item.name, "request": request_body(item, inline)}) + "\n")
+                await out.write(json.dumps(await self._api.line(item)) + "\n")
         input_file = await self._api.upload(path, display_name)
         path.unlink()
         self._state.update_batch(display_name, input_file=input_file)
@@ -217,24 +216,23 @@ class BatchRunner(RunCore):
     async def _create(self, display_name: str, input_file: str) -> None:
         model = self._endpoint.spec.model or self.manifest.item_model
         try:
-            operation = await self._api.create(model, display_name, input_file)
+            job = await self._api.create(model, display_name, input_file)
         except ItemError as exc:
             if not exc.retryable:
                 raise
             found = await self._api.find(display_name)  # the reply may be lost, not the job
             if found is None:
                 return  # still `creating`: the next poll (or run) looks again, then creates
-            operation = found
+            job = found
             self._jobs["adopted"] += 1
         else:
             self._jobs["created"] += 1
-        await self._activate(display_name, operation)
+        await self._activate(display_name, job)
 
-    async def _activate(self, display_name: str, operation: dict[str, Any]) -> None:
-        remote = (operation.get("metadata") or {}).get("state")
-        self._state.update_batch(display_name, name=operation["name"], stage="active", remote_state=remote)
+    async def _activate(self, display_name: str, job: BatchJob) -> None:
+        self._state.update_batch(display_name, name=job.name, stage="active", remote_state=job.state)
         await self.recorder.durable()
-        self._event(EventKind.BATCH_SUBMITTED, f"{display_name} ({operation['name']})")
+        self._event(EventKind.BATCH_SUBMITTED, f"{display_name} ({job.name})")
 
     # Polling and collecting
 
@@ -248,21 +246,16 @@ class BatchRunner(RunCore):
                 await self._resume_create(job.display_name, job.input_file)
                 continue
             assert job.name is not None
-            operation = await self._api.get(job.name)
-            metadata = operation.get("metadata") or {}
-            remote = str(metadata.get("state"))
-            self._state.update_batch(job.display_name, remote_state=remote)
-            if remote == SUCCEEDED:
-                output = metadata.get("output") or operation.get("response") or {}
-                if output.get("responsesFile"):  # SUCCEEDED can come before the file's name
-                    given_back |= await self._collect(
-                        job.display_name, job.input_file, output["responsesFile"]
-                    )
-            elif remote in ENDED:
+            remote = await self._api.get(job.name)
+            self._state.update_batch(job.display_name, remote_state=remote.state)
+            if remote.phase == "succeeded":
+                given_back |= await self._collect(job.display_name, job.input_file, remote.results)
+            elif remote.phase == "ended":
                 self._state.update_batch(job.display_name, stage="ended")
                 self._jobs["ended"] += 1
                 self._event(
-                    EventKind.BATCH_ENDED, f"{job.display_name}: {remote}; its {job.items} items go back"
+                    EventKind.BATCH_ENDED,
+                    f"{job.display_name}: {remote.state}; its {job.items} items go back",
                 )
                 await self._delete(job.input_file)
                 given_back = True
@@ -281,18 +274,38 @@ class BatchRunner(RunCore):
             return
         await self._create(display_name, input_file)
 
-    async def _collect(self, display_name: str, input_file: str | None, results_file: str) -> bool:
+    async def _collect(self, display_name: str, input_file: str | None, results: tuple[str, ...]) -> bool:
         members = self._state.batch_members(display_name)
         items = {
             item.name: item
             for item in iter_items(self.manifest)
             if item.name in members and members[item.name][2] == item.fingerprint
         }
-        path = self.store.spool / f"{display_name}.results.jsonl"
-        await self._api.download(results_file, path)
-        started = time.monotonic()
-        self._start_workers()
         outcomes: Counter[str] = Counter()
+        for n, results_file in enumerate(results):  # the results, then (OpenAI) the errors
+            path = self.store.spool / f"{display_name}.results-{n}.jsonl"
+            await self._api.download(results_file, path)
+            started = time.monotonic()
+            await self._read_results(path, items, outcomes)
+            path.unlink()
+            self._collect_s += time.monotonic() - started
+        done, failed, given_back = outcomes["done"], outcomes["failed"], outcomes["retry"]
+        self._state.update_batch(
+            display_name, stage="collected", results_file=" ".join(results), done=done, failed=failed
+        )
+        await self.recorder.durable()
+        self._jobs["collected"] += 1
+        self._event(
+            EventKind.BATCH_COLLECTED,
+            f"{display_name}: {done} images, {failed} failed, {given_back} to retry",
+        )
+        for name in (input_file, *results):
+            await self._delete(name)
+        return given_back > 0 or done + failed < len(members)  # a key with no line goes into a later job
+
+    async def _read_results(self, path: Path, items: dict[str, Item], outcomes: Counter[str]) -> None:
+        """Every line of a results file, a few per worker process at once."""
+        self._start_workers()
         room = asyncio.Semaphore(LINES_PER_WORKER * collect.size(self.manifest.batch.workers))
         async with asyncio.TaskGroup() as group:
             offset = 0
@@ -303,21 +316,6 @@ class BatchRunner(RunCore):
                     task.add_done_callback(lambda _: room.release())
                     offset += len(raw)
                     del raw
-        path.unlink()
-        self._collect_s += time.monotonic() - started
-        done, failed, given_back = outcomes["done"], outcomes["failed"], outcomes["retry"]
-        self._state.update_batch(
-            display_name, stage="collected", results_file=results_file, done=done, failed=failed
-        )
-        await self.recorder.durable()
-        self._jobs["collected"] += 1
-        self._event(
-            EventKind.BATCH_COLLECTED,
-            f"{display_name}: {done} images, {failed} failed, {given_back} to retry",
-        )
-        await self._delete(input_file)
-        await self._delete(results_file)
-        return given_back > 0 or done + failed < len(members)  # a key with no line goes into a later job
 
     async def _line(
         self, path: Any, offset: int, length: int, n: int, items: dict[str, Item], outcomes: Counter[str]
@@ -336,6 +334,7 @@ class BatchRunner(RunCore):
                 str(tmp),
                 self._max_bytes,
                 self.store.local is not None,
+                self._api.protocol,
             )
             outcomes[await self._record_line(prepared, tmp, items)] += 1
         finally:

@@ -18,7 +18,9 @@ from pathlib import Path
 from pipeline import errors
 from pipeline.download import spool_verified
 from pipeline.extract import decode_data_uri
-from pipeline.providers.gemini import results_line
+from pipeline.providers import gemini_batch, openai_batch
+
+READERS = {"gemini": gemini_batch.read_line, "openai-images": openai_batch.read_line}  # by protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +52,11 @@ def workers(count: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
 
 
-def prepare(path: str, offset: int, length: int, tmp: str, max_bytes: int, durable: bool) -> Prepared:
-    """In a worker process: the line at `offset` of the results file, its image verified into `tmp`."""
+def prepare(
+    path: str, offset: int, length: int, tmp: str, max_bytes: int, durable: bool, protocol: str = "gemini"
+) -> Prepared:
+    """In a worker process: the line at `offset` of the results file (of the provider's `protocol`),
+    its image verified into `tmp`."""
     with open(path, "rb") as results:  # noqa: PTH123 (a plain open: this runs in a bare worker)
         results.seek(offset)
         raw = results.read(length)
@@ -62,10 +67,7 @@ def prepare(path: str, offset: int, length: int, tmp: str, max_bytes: int, durab
     del raw
     if not isinstance(line, dict):
         return Prepared(None)
-    key = str(line.get("key"))
-    response = line.get("response")
-    served = response.get("modelVersion") if isinstance(response, dict) else None
-    outcome = results_line(line)
+    key, outcome, served = READERS[protocol](line)
     del line
     try:
         if isinstance(outcome, errors.ItemError):
@@ -78,7 +80,6 @@ def prepare(path: str, offset: int, length: int, tmp: str, max_bytes: int, durab
             raise errors.PermanentError(
                 f"image larger than the {max_bytes} byte download cap", kind="too_large"
             )
-        served_model = served if isinstance(served, str) else None
-        return Prepared(key, spooled=spool_verified(data, Path(tmp), durable), served_model=served_model)
+        return Prepared(key, spooled=spool_verified(data, Path(tmp), durable), served_model=served)
     except errors.ItemError as exc:
         return Prepared(key, error=(type(exc).__name__, exc.message, exc.kind, exc.retry_after))

@@ -510,8 +510,13 @@ def _check_providers(data: dict[str, Any], path: Path, lines: dict[str, int]) ->
             continue  # reported with the fields
         if provider.stream and provider.protocol != "openai-chat":
             problems.append(_problem(path, lines, f"providers[{i}].stream", "only for protocol openai-chat"))
-        if provider.mode == "batch" and provider.protocol != "gemini":
-            problems.append(_problem(path, lines, f"providers[{i}].mode", "batch needs protocol gemini"))
+        if provider.mode == "batch" and provider.protocol == "openai-chat":
+            problems.append(
+                _problem(path, lines, f"providers[{i}].mode", "batch needs protocol gemini or openai-images")
+            )
+        if provider.mode == "batch" and provider.protocol == "openai-images" and _any_references(data):
+            text = "OpenAI's batch takes no reference images (edits are multipart): use mode online"
+            problems.append(_problem(path, lines, f"providers[{i}].mode", text))
         if provider.service_tier and provider.protocol != "gemini":
             problems.append(_problem(path, lines, f"providers[{i}].service_tier", "only for protocol gemini"))
         for option in IMAGES_OPTIONS:
@@ -520,6 +525,13 @@ def _check_providers(data: dict[str, Any], path: Path, lines: dict[str, int]) ->
                     _problem(path, lines, f"providers[{i}].{option}", "only for protocol openai-images")
                 )
     return problems
+
+
+def _any_references(data: dict[str, Any]) -> bool:
+    jobs = data.get("jobs")
+    return (
+        any(isinstance(job, dict) and job.get("images") for job in jobs) if isinstance(jobs, list) else False
+    )
 
 
 def _raw_providers(data: dict[str, Any]) -> list[dict[str, Any]]:

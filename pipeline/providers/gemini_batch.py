@@ -17,21 +17,55 @@ import aiohttp
 
 from pipeline.classify import parse_json
 from pipeline.errors import ItemError, RetryableError
-from pipeline.providers.gemini import error_of
+from pipeline.item import Item
+from pipeline.manifest import ProviderSpec
+from pipeline.providers import BatchJob
+from pipeline.providers.gemini import GeminiClient, error_of, request_body, results_line
 from pipeline.providers.http import send
 from pipeline.secret import Secret
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # as the SDK sends them
 DOWNLOAD_CHUNK = 1 << 20
 API = "v1beta"
+SUCCEEDED = "BATCH_STATE_SUCCEEDED"
+ENDED = ("BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED")
+
+
+def job_of(operation: dict[str, Any]) -> BatchJob:
+    """A batch operation as the runner sees it (pure): SUCCEEDED with its results file to collect
+    (it can come before the file's name: then still open), the ended states, or open."""
+    metadata = operation.get("metadata") or {}
+    state = str(metadata.get("state"))
+    output = metadata.get("output") or operation.get("response") or {}
+    if state == SUCCEEDED and output.get("responsesFile"):
+        return BatchJob(str(operation.get("name")), state, "succeeded", (str(output["responsesFile"]),))
+    return BatchJob(str(operation.get("name")), state, "ended" if state in ENDED else "open")
+
+
+def read_line(line: dict[str, Any]) -> tuple[str | None, list[str] | ItemError, str | None]:
+    """A results line: its item's key, its outcome, and the model that served it."""
+    response = line.get("response")
+    served = response.get("modelVersion") if isinstance(response, dict) else None
+    return str(line.get("key")), results_line(line), served if isinstance(served, str) else None
 
 
 class BatchClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: Secret, timeout_s: float) -> None:
+    protocol = "gemini"
+    max_requests = 1_000_000  # the input file's limit is 2 GB, not a count
+
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, key: Secret, spec: ProviderSpec
+    ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
         self._key = key
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=spec.read_timeout_s)
+        self._references = GeminiClient(session, base_url, key, spec)
+
+    async def line(self, item: Item) -> dict[str, Any]:
+        """The item's JSONL line: its key and its generateContent request, reference images inline."""
+        inline = [await self._references.inline_reference(ref) for ref in item.images]
+        return {"key": item.name, "request": request_body(item, inline)}
 
     async def upload(self, path: Path, display_name: str) -> str:
         """Upload a file; its name (`files/<id>`)."""
@@ -63,23 +97,23 @@ class BatchClient:
             raise RetryableError("upload finalize: no file name in the reply", kind="server_error")
         return name
 
-    async def create(self, model: str, display_name: str, file_name: str) -> dict[str, Any]:
-        body = {"batch": {"displayName": display_name, "inputConfig": {"fileName": file_name}}}
+    async def create(self, model: str, display_name: str, input_file: str) -> BatchJob:
+        body = {"batch": {"displayName": display_name, "inputConfig": {"fileName": input_file}}}
         reply, _ = await self._call("POST", f"/{API}/models/{model}:batchGenerateContent", body)
-        return reply
+        return job_of(reply)
 
-    async def get(self, name: str) -> dict[str, Any]:
+    async def get(self, name: str) -> BatchJob:
         reply, _ = await self._call("GET", f"/{API}/{name}")
-        return reply
+        return job_of(reply)
 
-    async def find(self, display_name: str) -> dict[str, Any] | None:
+    async def find(self, display_name: str) -> BatchJob | None:
         """The job with this display name, looked for on every page of the list."""
         token = ""
         while True:
             reply, _ = await self._call("GET", f"/{API}/batches" + (f"?pageToken={token}" if token else ""))
             for operation in reply.get("operations") or []:
                 if (operation.get("metadata") or {}).get("displayName") == display_name:
-                    return dict(operation)
+                    return job_of(operation)
             token = str(reply.get("nextPageToken") or "")
             if not token:
                 return None

@@ -12,6 +12,7 @@ survives as sent). The reply's token `usage` is handed on, for the cost.
 from __future__ import annotations
 
 import asyncio
+import json
 import mimetypes
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,13 @@ def classify_images(
 ) -> tuple[list[str], dict[str, int]] | ItemError:
     """The image (as a data: URI, or a relay's URL) and the token usage, or the error (section 3)."""
     text = body.decode("utf-8", "replace").strip()
-    data = parse_json(text)
+    return images_outcome(status, headers, parse_json(text), text)
+
+
+def images_outcome(
+    status: int, headers: dict[str, str], data: Any, text: str = ""
+) -> tuple[list[str], dict[str, int]] | ItemError:
+    """As `classify_images`, for a reply already parsed (a batch results line's `response.body`)."""
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
         codes = {str(error.get(key)).lower() for key in ("code", "type") if error.get(key)}
@@ -80,7 +87,7 @@ def classify_images(
         if codes & NO_MONEY_CODES:
             return FatalError(f"no quota left: {message}", kind="quota")
     if status != 200 or not isinstance(data, dict) or isinstance(error, dict):
-        outcome = classify_data(status, headers, data, text)
+        outcome = classify_data(status, headers, data, text or json.dumps(data)[:2000])
         return outcome if isinstance(outcome, ItemError) else NoImageError("reply has no image")
     images = [image for image in data.get("data") or [] if isinstance(image, dict)]
     if not images:

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import io
 import random
+import secrets
 import threading
 import time
 from collections import Counter, deque
@@ -32,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.catalog import shipped
 from pipeline.simulator.batch import BatchService
+from pipeline.simulator.openai_batch import OpenAIBatchService
 from pipeline.simulator.wire import (
     ImagesWire,
     NativeWire,
@@ -42,6 +44,7 @@ from pipeline.simulator.wire import (
     _google_error,
     _image_size,
     _native_image,
+    _parse_images,
     _parse_native,
     _send,
     _split_message,
@@ -156,7 +159,8 @@ class Simulator:
         self._asked: Counter[str] = BoundedCounter(self.config.window)  # requests per prompt and ratio
         self._fetched: Counter[str] = BoundedCounter(self.config.window)  # downloads per image
         self._window: deque[float] = deque()  # times of the requests let through, for `quota`
-        self.batch = BatchService(lambda: self.config, self._batch_answer)
+        self.openai_batch = OpenAIBatchService(lambda: self.config, self._images_batch_answer)
+        self.batch = BatchService(lambda: self.config, self._batch_answer, self.openai_batch)
         self._runners: list[web.AppRunner] = []
         self.base_url = ""  # the OpenAI-compatible gateway: {origin}/v1
         self.origin = ""  # Google's native API: {origin}/v1beta/models/...
@@ -175,6 +179,7 @@ class Simulator:
         for version in ("v1beta", "v1"):  # SDK 3.x says v1, Google's docs and SDK 2.x v1beta
             api_app.router.add_post(f"/{version}/models/{{call}}", self._native)
         self.batch.add_routes(api_app)
+        self.openai_batch.add_routes(api_app)
         api_app.router.add_get("/_sim/stats", self._stats)
         api_app.router.add_get("/hc/{check:.*}", self._healthcheck)
         [self.origin] = await self._serve(api_app, host, api_port)
@@ -194,6 +199,7 @@ class Simulator:
             await runner.cleanup()
         self._runners.clear()
         self.batch.close()
+        self.openai_batch.close()
 
     def reset(self, config: SimConfig) -> None:
         """A fresh start for the next test: new knobs, zeroed counters and fault sequences."""
@@ -203,6 +209,7 @@ class Simulator:
         self._fetched = BoundedCounter(config.window)
         self._window.clear()
         self.batch.reset()
+        self.openai_batch.reset()
 
     # The gateway: both protocols, one generation logic
 
@@ -405,6 +412,44 @@ class Simulator:
         )
         png = c.image_bytes or render_png(*size, token)
         return {"key": key, "response": _native_image(c.served_model or model, png)}
+
+    def _images_batch_answer(self, custom_id: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """One line of an OpenAI batch's results: the same generation as online, without the wire;
+        True when it belongs in the error file."""
+        c = self.config
+
+        def line(status: int, reply: dict[str, Any]) -> dict[str, Any]:
+            response = {"status_code": status, "request_id": f"req_{custom_id}", "body": reply}
+            ident = f"batch_req_{secrets.token_hex(8)}"
+            return {"id": ident, "custom_id": custom_id, "response": response, "error": None}
+
+        def error(status: int, message: str, kind: str, code: str | None) -> tuple[dict[str, Any], bool]:
+            return line(
+                status, {"error": {"message": message, "type": kind, "param": None, "code": code}}
+            ), True
+
+        try:
+            asked = _parse_images(body, [])
+        except ValueError as exc:
+            return error(400, str(exc), "invalid_request_error", None)
+        prompt = asked.prompt
+        nth = self._asked[f"{prompt}\x1f{asked.aspect_ratio}"]
+        self._asked[f"{prompt}\x1f{asked.aspect_ratio}"] += 1
+        roll = random.Random(f"{c.seed}\x1fbatch\x1f{prompt}\x1f{nth}").random()
+        if roll < c.batch_rate_429:
+            return error(429, "Rate limit reached for images per minute", "requests", "rate_limit_exceeded")
+        if roll < c.batch_rate_429 + c.batch_rate_500:
+            return error(500, "The server had an error processing your request.", "server_error", None)
+        if any(w in prompt for w in c.refuse_words):
+            return error(
+                400, "rejected by the safety system", "image_generation_user_error", "moderation_blocked"
+            )
+        self.stats.generations += 1
+        self.stats.prompts[prompt] += 1
+        token = hashlib.sha256(f"{prompt}\x1f{nth}".encode()).hexdigest()[:16]
+        size = self._size(asked.aspect_ratio, asked.model, None, asked.pixels)
+        png = c.image_bytes or render_png(*size, token)
+        return line(200, images_reply(png, c.served_model or asked.model)), False
 
     def _quota(self) -> tuple[float | None, dict[str, str]]:
         """Under a per-window quota: (None, rate-limit headers) for a request let through, or (seconds

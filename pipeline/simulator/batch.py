@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
+from pipeline.simulator.openai_batch import OpenAIBatchService
+
 CHUNK = 1 << 20
 BatchAnswer = Callable[[str, str, dict[str, Any]], dict[str, Any]]  # (model, key, request) -> results line
 
@@ -79,9 +81,12 @@ class SimBatch:
 
 
 class BatchService:
-    def __init__(self, config: Callable[[], Any], answer: BatchAnswer) -> None:
+    def __init__(
+        self, config: Callable[[], Any], answer: BatchAnswer, openai: OpenAIBatchService | None = None
+    ) -> None:
         self._config_of = config  # the simulator's SimConfig, read at each use (tests change it)
         self._answer = answer  # one results line for one request
+        self._openai = openai  # OpenAI's batch service: the routes both APIs have are its for a bearer token
         self._made: Path | None = None  # the folder of file bytes, made at the first upload
         self.files: dict[str, SimFile] = {}
         self.batches: dict[str, SimBatch] = {}
@@ -212,7 +217,9 @@ class BatchService:
         await response.write_eof()
         return response
 
-    async def _delete_file(self, request: web.Request) -> web.Response:
+    async def _delete_file(self, request: web.Request) -> web.StreamResponse:
+        if self._openai is not None and self._openai.answers(request):
+            return await self._openai.shared(request, request.match_info["call"])
         if (denied := self._denied(request)) is not None:
             return denied
         file = self.files.pop(f"files/{request.match_info['call']}", None)
@@ -297,7 +304,9 @@ class BatchService:
                     out.write(json.dumps(answer) + "\n")
         result.size = result.path.stat().st_size
 
-    async def _get(self, request: web.Request) -> web.Response:
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        if self._openai is not None and self._openai.answers(request):
+            return await self._openai.shared(request, request.match_info["call"])
         if (denied := self._denied(request)) is not None:
             return denied
         if self._config_of().batch_polls_fail:
@@ -307,7 +316,9 @@ class BatchService:
             return _error(404, "NOT_FOUND", "no such batch")
         return web.json_response(batch.resource())
 
-    async def _list(self, request: web.Request) -> web.Response:
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        if self._openai is not None and self._openai.answers(request):
+            return await self._openai.shared(request, None)
         if (denied := self._denied(request)) is not None:
             return denied
         size = int(request.query.get("pageSize") or self._config_of().batch_page_size)
