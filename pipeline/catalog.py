@@ -138,12 +138,13 @@ class Model:
             return price.get(size, price.get("", None))
         return price
 
-    def token_cost(self, usage: dict[str, int]) -> float | None:
-        """USD for a reply's token usage, where the catalog has token prices."""
+    def token_cost(self, usage: dict[str, int], tier: Tier = "standard") -> float | None:
+        """USD for a reply's token usage, where the catalog has token prices (batch and flex: half)."""
         prices = self.entry.token_prices
         if not set(prices) & {kind for kind, count in usage.items() if count}:
             return None
-        return sum(price * usage.get(kind, 0) for kind, price in prices.items()) / 1_000_000
+        factor = 1.0 if tier == "standard" else 0.5
+        return factor * sum(price * usage.get(kind, 0) for kind, price in prices.items()) / 1_000_000
 
 
 class Catalog:

@@ -156,6 +156,12 @@ def reply_field(body: bytes, name: str) -> str | None:
     return None
 
 
+def reply_number(body: bytes, name: str) -> int | None:
+    """A whole-number field of a reply (`candidatesTokenCount`), read from its last 4 KB."""
+    found = re.search(rb'"' + re.escape(name.encode()) + rb'"\s*:\s*(\d{1,12})\b', body[-4096:])
+    return int(found.group(1)) if found else None
+
+
 def parse_json(text: str) -> Any:
     if not text.startswith(("{", "[")):
         return None

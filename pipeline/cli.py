@@ -393,6 +393,9 @@ def _status(args: argparse.Namespace) -> int:
         f"  done {counts['done']}, failed {counts['failed']}{f' ({reasons})' if reasons else ''},"
         f" in progress {counts['in_progress']}{pending}"
     )
+    models = counts["done_by_model"]
+    if len(models) > 1:
+        print("  images by model: " + ", ".join(f"{name} {n}" for name, n in sorted(models.items())))
     if workers or state.shared:
         print(f"live workers: {len(workers)}")
     for worker in workers:

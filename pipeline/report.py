@@ -112,6 +112,7 @@ def _figures(counts: dict[str, Any], last: dict[str, Any] | None) -> str:
         ("failed", counts["failed"]),
         ("in progress", counts["in_progress"]),
     ]
+    figures += [(f"model {name}", n) for name, n in sorted(counts.get("done_by_model", {}).items())]
     summary = (last or {}).get("summary") or {}
     if last:
         figures += [

@@ -38,7 +38,8 @@ def test_flex_is_asked_for_priced_half_and_recorded(
     assert json.loads(capsys.readouterr().out)["cost_usd"] == round(6 * 0.0195, 2)
     assert run("run", manifest, "--log-format", "json") == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["providers"]["google-flex"]["cost_usd"] == round(6 * 0.0195, 4)
+    tokens = 1290 * 30.0 / 1_000_000  # the reply's usageMetadata at the catalog's token price
+    assert summary["providers"]["google-flex"]["cost_usd"] == round(6 * tokens / 2, 4)  # flex: half
     assert sim.stats.faults["flex_requests"] == 6
     assert {row["service_tier"] for row in metadata(tmp_path / "out")} == {"flex"}
 
@@ -49,7 +50,7 @@ def test_a_reply_served_at_another_tier_is_priced_at_it(
     sim.config.flex_served_tier = "standard"
     assert run("run", flex(tmp_path, sim, 4), "--log-format", "json") == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["providers"]["google-flex"]["cost_usd"] == round(4 * 0.039, 4)
+    assert summary["providers"]["google-flex"]["cost_usd"] == round(4 * 1290 * 30.0 / 1_000_000, 4)
 
 
 def test_shed_requests_are_retried_at_no_attempts_cost(tmp_path: Path, sim: Simulator) -> None:

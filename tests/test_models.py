@@ -367,6 +367,10 @@ def test_a_relay_that_serves_another_model_is_recorded_and_priced_by_it(
     summary = events[-1]["providers"]["default"]
     assert summary["served_by_other_models"] == {NANO2: 4} and summary["cost_usd"] == round(4 * 0.067, 4)
     assert {(row["model"], row["served_model"]) for row in metadata(tmp_path / "out")} == {(FLASH, NANO2)}
+    assert run("status", manifest, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["done_by_model"] == {NANO2: 4}  # counted by served model
+    assert run("report", manifest) == 0
+    assert f"model {NANO2}" in (tmp_path / "out" / "report.html").read_text()
     sim.config.served_model = "gemini-2.5-flash-image-001"  # a version suffix is the same model
     again = (
         write_manifest(tmp_path / "again", [{"prompt": "a keel"}])

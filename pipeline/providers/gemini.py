@@ -28,6 +28,7 @@ from pipeline.classify import (
     parse_json,
     parse_retry_after,
     reply_field,
+    reply_number,
     retired,
 )
 from pipeline.errors import FatalError, ItemError, PermanentError, RefusalError, RetryableError
@@ -184,7 +185,11 @@ class GeminiClient:
                 outcome = shed(outcome, status, body[:4096].decode("utf-8", "replace"))
             raise self._key.scrub(outcome)
         tier = reply_field(body, "serviceTier")
-        return Generated(outcome, served_model=reply_field(body, "modelVersion"), service_tier=tier)
+        made = reply_number(body, "candidatesTokenCount")  # the image's tokens (image-only replies)
+        usage = {"output_image": made} if made else None
+        return Generated(
+            outcome, served_model=reply_field(body, "modelVersion"), service_tier=tier, usage=usage
+        )
 
     async def inline_reference(self, ref: str) -> tuple[str, str]:
         """A reference image as (mime type, base64), read or fetched once per run (never with the key)."""

@@ -273,11 +273,9 @@ class Pool:
         model = self._catalog.find(result.served_model or item.model) or self._catalog.find(item.model)
         if model is None:
             return 0.0
-        by_tokens = model.token_cost(result.usage or {})
-        if by_tokens is not None:
-            return by_tokens
         tier = served_tier(result.service_tier, member.spec.service_tier)
-        return model.price(item.image_size, tier) or 0.0
+        by_tokens = model.token_cost(result.usage or {}, tier)
+        return by_tokens if by_tokens is not None else model.price(item.image_size, tier) or 0.0
 
     def _failed(self, member: Member, item: Item, exc: ItemError, level: int) -> Verdict:
         """Counts the failure against its provider; raises Suspect for a plain permanent error whose

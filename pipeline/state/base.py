@@ -73,6 +73,10 @@ class State:
     def _q(self, query: str) -> str:
         return query
 
+    def _field(self, name: str) -> str:
+        """A field of the recorded image's metadata (a JSON text), in SQL (`name` is ours, not input)."""
+        return f"json_extract(image, '$.{name}')"
+
     def _x(self, query: str, params: Iterable[Any] = ()) -> Any:
         return self._db.execute(self._q(query), tuple(params))
 
@@ -224,9 +228,14 @@ class State:
         reasons = dict(
             self._x("SELECT error_type, count(*) FROM items WHERE status = 'failed' GROUP BY 1").fetchall()
         )
+        model = f"coalesce({self._field('served_model')}, {self._field('model')})"
+        by_model = dict(
+            self._x(f"SELECT {model}, count(*) FROM items WHERE status = 'done' GROUP BY 1").fetchall()
+        )
         return {
             "items": sum(by_status.values()),
             "done": by_status.get(Status.DONE, 0),
+            "done_by_model": by_model,  # the served model where the reply named one
             "failed": by_status.get(Status.FAILED, 0),
             "in_progress": by_status.get(Status.URL, 0),
             "pending": by_status.get(Status.NEW, 0),

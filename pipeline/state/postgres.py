@@ -113,6 +113,9 @@ class PostgresState(State):
     def _q(self, query: str) -> str:
         return query.replace("?", "%s")
 
+    def _field(self, name: str) -> str:
+        return f"(image::json ->> '{name}')"
+
     def _x(self, query: str, params: Iterable[Any] = ()) -> Any:
         with self._database():
             return super()._x(query, params)
