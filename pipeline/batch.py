@@ -67,6 +67,7 @@ class BatchRunner(RunCore):
         self._attempts: Counter[str] = Counter()  # attempts that counted, per item, this run
         self._throttles: Counter[str] = Counter()  # 429 lines, per item, this run (they cost none)
         self._settled: set[str] = set()  # items recorded failed this run: into no further job
+        self._collected: set[str] = set()  # items whose image this run recorded
         self._jobs = {"created": 0, "adopted": 0, "collected": 0, "ended": 0}
         self._workers: ProcessPoolExecutor | None = None
         self._collect_s = 0.0  # reading results files, all jobs
@@ -165,7 +166,7 @@ class BatchRunner(RunCore):
             if self._stopping.is_set():
                 return
             if step is Step.DONE:
-                self.summary.skipped += first
+                self.summary.skipped += first and item.name not in self._collected  # done before this run
                 continue
             if step is Step.FAILED:
                 if first and row:
@@ -378,6 +379,7 @@ class BatchRunner(RunCore):
         self, item: Item, stored: StoredImage, old_file: str | None, served_model: str | None = None
     ) -> None:
         self.summary.downloads += 1
+        self._collected.add(item.name)
         await self.recorder.image(
             item, stored, old_file, self._endpoint.spec.name, {"served_model": served_model}
         )

@@ -120,13 +120,17 @@ def test_retryable_lines_are_rebatched_and_refusals_recorded(tmp_path: Path, sim
 
 
 @pytest.mark.usefixtures("gemini_key")
-def test_a_batch_api_down_for_max_outage_ends_the_run_with_75(tmp_path: Path, sim: Simulator) -> None:
+def test_a_batch_api_down_for_max_outage_ends_the_run_with_75(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
     sim.config.batch_polls_fail = True
     manifest = batch_manifest(tmp_path, sim, 12, max_outage_s=0.5)
     assert run("run", manifest, "--quiet") == 75  # try later: the job stays recorded
     assert sim.batch.stats["creates"] == 1 and metadata(tmp_path / "out") == []
     sim.config.batch_polls_fail = False
+    capsys.readouterr()
     assert run("run", manifest, "--quiet") == 0  # the same job, collected
+    assert "done 12 of 12 (new 12, already done 0)" in capsys.readouterr().out
     assert sim.batch.stats["creates"] == 1 and len(metadata(tmp_path / "out")) == 12
 
 
