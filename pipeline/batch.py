@@ -55,6 +55,18 @@ from pipeline.state import OPEN_STAGES
 MAX_POLL_S = 300.0  # polls back off to this
 STEP_TRIES = 3  # submitting or polling, tried this often through transient failures before the run stops
 LINES_PER_WORKER = 2  # results lines in the works at once, per worker process
+LINE_OVERHEAD = 1024  # bytes of a JSONL line besides its prompt and reference images
+
+
+def line_bytes(item: Item) -> int:
+    """About how large an item's JSONL line is: its prompt, the request around it, and its local
+    reference images in base64 (a URL's size is not known here)."""
+    references = sum(
+        Path(ref).stat().st_size * 4 // 3
+        for ref in item.images
+        if not ref.startswith(("http://", "https://"))
+    )
+    return len(item.prompt.encode()) + LINE_OVERHEAD + references
 
 
 class BatchRunner(RunCore):
@@ -158,9 +170,11 @@ class BatchRunner(RunCore):
     # Submitting
 
     async def _submit(self, first: bool = False) -> None:
-        """Every item that needs a generation and is in no open job, into jobs of `max_requests`.
-        The first pass of a run also counts what was done or failed for good before it."""
+        """Every item that needs a generation and is in no open job, into jobs of `max_requests` (and
+        of no more lines or bytes than the provider takes in one file). The first pass of a run also
+        counts what was done or failed for good before it."""
         chunk: list[Item] = []
+        size = 0  # the job's input file, estimated
         budget = self.options.max_requests
         for item, row, step in plan_items(self.manifest, self._state, self.store, self.options.retry_failed):
             if self._stopping.is_set():
@@ -181,10 +195,15 @@ class BatchRunner(RunCore):
             if budget is not None and self.summary.requests + len(chunk) >= budget:
                 self.stop("max_requests")
                 break
+            line = line_bytes(item)
+            if chunk and size + line > self._api.max_bytes:
+                await self._new_job(chunk)
+                chunk, size = [], 0
             chunk.append(item)
+            size += line
             if len(chunk) == min(self.manifest.batch.max_requests, self._api.max_requests):
                 await self._new_job(chunk)
-                chunk = []
+                chunk, size = [], 0
         if chunk:
             await self._new_job(chunk)
 

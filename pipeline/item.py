@@ -21,6 +21,7 @@ class Item:
     fingerprint: str
     images: tuple[str, ...] = ()  # reference images: absolute file paths or http(s) URLs
     image_size: str | None = None  # 1K, 2K or 4K for models that take one; None: the model's default
+    options: tuple[tuple[str, str], ...] = ()  # images API settings of its job (quality, background...)
 
     @property
     def name(self) -> str:
@@ -33,12 +34,14 @@ def item_fingerprint(
     model: str,
     inputs: tuple[str, ...] = (),
     image_size: str | None = None,
+    options: tuple[tuple[str, str], ...] = (),
 ) -> str:
-    """`inputs`: what identifies each reference image (a file's sha256, or its URL). An image size is
-    added only when set, so items from before image sizes existed keep their fingerprints."""
+    """`inputs`: what identifies each reference image (a file's sha256, or its URL). An image size and
+    a job's image options are added only when set, so items from before them keep their fingerprints."""
     text = "\x1f".join((model, aspect_ratio or "", prompt, *inputs))
     if image_size:
         text += f"\x1fimage_size={image_size}"
+    text += "".join(f"\x1f{name}={value}" for name, value in options)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

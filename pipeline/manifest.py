@@ -40,6 +40,10 @@ from pipeline.sources import SourceRow, decode_text, read_rows
 AspectRatio = Annotated[str, Field(pattern=RATIO)]  # W:H; which ones, the model's catalog entry says
 ImageSize = Annotated[str, Field(pattern=r"^[0-9]+K?$")]  # 512, 1K, 2K, 4K...: as the model takes them
 SHUTDOWN_WARNING_DAYS = 30
+Quality = Literal["auto", "low", "medium", "high"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Background = Literal["auto", "opaque", "transparent"]
+Moderation = Literal["auto", "low"]
 FLEX_TIMEOUT_S = 1200.0
 
 MatrixValues = Annotated[list[str | int | float], Field(min_length=1)]
@@ -101,10 +105,10 @@ class ProviderSpec(_Strict):
     stream: bool = False  # openai-chat only: ask for server-sent events
     on_size_mismatch: Literal["keep", "fail"] | None = None  # default: the manifest's
     service_tier: Literal["standard", "flex"] | None = None  # gemini: flex is half price, in minutes
-    quality: Literal["auto", "low", "medium", "high"] | None = None  # openai-images: as the API takes them
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    background: Literal["auto", "opaque", "transparent"] | None = None
-    moderation: Literal["auto", "low"] | None = None
+    quality: Quality | None = None  # openai-images: as the API takes them; a job may set its own
+    output_format: OutputFormat | None = None
+    background: Background | None = None
+    moderation: Moderation | None = None
 
     @property
     def read_timeout_s(self) -> float:
@@ -156,6 +160,10 @@ class Job(_Strict):
     aspect_ratio: AspectRatio | None = None
     image_size: ImageSize | None = None
     count: Annotated[int, Field(ge=1)] | None = None
+    quality: Quality | None = None  # openai-images: over the provider's (a new value is a new image)
+    output_format: OutputFormat | None = None
+    background: Background | None = None
+    moderation: Moderation | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -352,11 +360,19 @@ def iter_items(manifest: Manifest) -> Iterator[Item]:
     model = manifest.item_model
     for prompt in _prompts(manifest):
         inputs = tuple(manifest._image_hashes.get(ref, ref) for ref in prompt.images)
-        size = prompt.image_size
-        fingerprint = item_fingerprint(prompt.prompt, prompt.aspect_ratio, model, inputs, size)
+        size, options = prompt.image_size, prompt.options
+        fingerprint = item_fingerprint(prompt.prompt, prompt.aspect_ratio, model, inputs, size, options)
         for index in range(prompt.count):
             yield Item(
-                prompt.id, index, prompt.prompt, prompt.aspect_ratio, model, fingerprint, prompt.images, size
+                prompt.id,
+                index,
+                prompt.prompt,
+                prompt.aspect_ratio,
+                model,
+                fingerprint,
+                prompt.images,
+                size,
+                options,
             )
 
 
@@ -372,6 +388,7 @@ class _Prompt:
     count: int
     images: tuple[str, ...]
     row_ratio: bool = False  # the aspect ratio is a prompt-file row's own
+    options: tuple[tuple[str, str], ...] = ()  # the job's images API settings
 
 
 def _prompts(manifest: Manifest, problems: list[str] | None = None) -> Iterator[_Prompt]:
@@ -386,9 +403,19 @@ def _prompts(manifest: Manifest, problems: list[str] | None = None) -> Iterator[
         ratio = job.aspect_ratio or (None if keep_size else defaults.aspect_ratio)
         size = job.image_size or defaults.image_size
         count = job.count or defaults.count
+        options = tuple((name, str(getattr(job, name))) for name in IMAGES_OPTIONS if getattr(job, name))
         if job.prompt is not None:
             for ident, prompt in expand_matrix(job):
-                yield _Prompt(f"jobs[{i}]", ident or derive_id(prompt), prompt, ratio, size, count, images)
+                yield _Prompt(
+                    f"jobs[{i}]",
+                    ident or derive_id(prompt),
+                    prompt,
+                    ratio,
+                    size,
+                    count,
+                    images,
+                    options=options,
+                )
             continue
         path = manifest._base / str(job.prompts_file)
         if not path.is_file():
@@ -406,6 +433,7 @@ def _prompts(manifest: Manifest, problems: list[str] | None = None) -> Iterator[
                     row.count or count,
                     (),
                     row.aspect_ratio is not None,
+                    options,
                 )
             elif problems is not None:
                 problems.append(f"{path}: {row}")
@@ -491,7 +519,8 @@ def _salvage(data: dict[str, Any]) -> Manifest:
 
 
 def _check_providers(data: dict[str, Any], path: Path, lines: dict[str, int]) -> list[str]:
-    """`api:` or `providers:`, not both; provider names unique; `stream` only where it means something."""
+    """`api:` or `providers:`, not both; provider names unique; each setting only where it means
+    something (for a provider's protocol and mode, or a job's images options)."""
     problems = []
     if "api" in data and "providers" in data:
         problems.append(_problem(path, lines, "providers", "a manifest has `api:` or `providers:`, not both"))
@@ -503,28 +532,40 @@ def _check_providers(data: dict[str, Any], path: Path, lines: dict[str, int]) ->
             problems.append(_problem(path, lines, f"providers[{i}].name", text))
         if isinstance(name, str):
             seen.setdefault(name, i)
-    for i, raw in enumerate(_raw_providers(data)):
-        try:
-            provider = ProviderSpec.model_validate(raw)
-        except ValidationError:
-            continue  # reported with the fields
-        if provider.stream and provider.protocol != "openai-chat":
-            problems.append(_problem(path, lines, f"providers[{i}].stream", "only for protocol openai-chat"))
-        if provider.mode == "batch" and provider.protocol == "openai-chat":
-            problems.append(
-                _problem(path, lines, f"providers[{i}].mode", "batch needs protocol gemini or openai-images")
-            )
-        if provider.mode == "batch" and provider.protocol == "openai-images" and _any_references(data):
-            text = "OpenAI's batch takes no reference images (edits are multipart): use mode online"
-            problems.append(_problem(path, lines, f"providers[{i}].mode", text))
-        if provider.service_tier and provider.protocol != "gemini":
-            problems.append(_problem(path, lines, f"providers[{i}].service_tier", "only for protocol gemini"))
-        for option in IMAGES_OPTIONS:
-            if getattr(provider, option) and provider.protocol != "openai-images":
-                problems.append(
-                    _problem(path, lines, f"providers[{i}].{option}", "only for protocol openai-images")
-                )
+        with contextlib.suppress(ValidationError):  # an invalid one is reported with the fields
+            problems += [
+                _problem(path, lines, f"providers[{i}].{place}", text)
+                for place, text in _misplaced(ProviderSpec.model_validate(raw), _any_references(data))
+            ]
+    if not any(raw.get("protocol") == "openai-images" for raw in _raw_providers(data)):
+        given = data.get("jobs")
+        for i, job in enumerate(given if isinstance(given, list) else []):
+            for option in [name for name in IMAGES_OPTIONS if isinstance(job, dict) and name in job]:
+                text = "only for providers of protocol openai-images (none in this manifest)"
+                problems.append(_problem(path, lines, f"jobs[{i}].{option}", text))
     return problems
+
+
+def _misplaced(provider: ProviderSpec, references: bool) -> list[tuple[str, str]]:
+    """A provider's settings its protocol or mode does not take: (place, why)."""
+    found = []
+    if provider.stream and provider.protocol != "openai-chat":
+        found.append(("stream", "only for protocol openai-chat"))
+    if provider.mode == "batch" and provider.protocol == "openai-chat":
+        found.append(("mode", "batch needs protocol gemini or openai-images"))
+    if provider.mode == "batch" and provider.protocol == "openai-images" and references:
+        found.append(
+            ("mode", "OpenAI's batch takes no reference images (edits are multipart): use mode online")
+        )
+    if provider.service_tier and provider.protocol != "gemini":
+        found.append(("service_tier", "only for protocol gemini"))
+    if provider.protocol != "openai-images":
+        found += [
+            (option, "only for protocol openai-images")
+            for option in IMAGES_OPTIONS
+            if getattr(provider, option)
+        ]
+    return found
 
 
 def _any_references(data: dict[str, Any]) -> bool:

@@ -147,3 +147,25 @@ def test_openai_batch_refuses_reference_images(
     path = write_manifest(tmp_path, [{"prompt": "x", "images": ["ref.png"]}], providers=providers)
     assert run("validate", path) == 2
     assert "OpenAI's batch takes no reference images" in capsys.readouterr().err
+
+
+def test_an_input_file_stays_under_the_providers_byte_limit(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.providers.openai_batch import OpenAIBatchClient
+
+    monkeypatch.setattr(OpenAIBatchClient, "max_bytes", 100_000)  # the 200 MB limit, scaled down
+    long = "a harbour at dawn, " * 1500  # about 28 KB a prompt: three lines a file
+    jobs = [{"id": "l{n}", "prompt": long + "{n}", "matrix": {"n": list(range(12))}}]
+    providers = [
+        {
+            "name": "o",
+            "protocol": "openai-images",
+            "mode": "batch",
+            "base_url": sim.base_url,
+            "model": "gpt-image-2",
+        }
+    ]
+    manifest = write_manifest(tmp_path, jobs, providers=providers, batch={"poll_interval_s": 0.05})
+    assert run("run", manifest, "--quiet") == 0
+    assert sim.openai_batch.stats["creates"] == 4 and len(metadata(tmp_path / "out")) == 12

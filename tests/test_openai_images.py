@@ -144,3 +144,22 @@ def test_images_classification_and_sizes() -> None:
     assert size_for(item(0, "3:2"), "gpt-image-2", shipped()) == "1536x1024"
     assert size_for(item(0, "16:9"), "gpt-image-2", shipped()) == "1360x768"
     assert size_for(item(0, "16:9"), "unknown-model", shipped()) == "auto"
+
+
+def test_a_jobs_images_options_are_sent_over_the_providers_and_are_part_of_the_item(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.manifest import ProviderSpec, iter_items, load_manifest
+    from pipeline.providers.openai_images import request_fields
+
+    spec = ProviderSpec(name="o", protocol="openai-images", quality="low", background="opaque")
+    jobs = [{"id": "a", "prompt": "x", "quality": "high"}, {"id": "b", "prompt": "x"}]
+    path = write_manifest(tmp_path, jobs, providers=[{"name": "o", "protocol": "openai-images"}])
+    first, second = iter_items(load_manifest(path))
+    fields = request_fields(first, spec, "1024x1024")
+    assert (fields["quality"], fields["background"], fields["n"]) == ("high", "opaque", 1)
+    assert request_fields(second, spec, "auto")["quality"] == "low"
+    assert first.fingerprint != second.fingerprint  # a new quality is a new image
+    chat = write_manifest(tmp_path, [{"prompt": "x", "quality": "high"}])
+    assert run("validate", chat) == 2
+    assert "jobs[0].quality: only for providers of protocol openai-images" in capsys.readouterr().err

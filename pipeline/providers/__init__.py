@@ -64,6 +64,7 @@ class BatchApi(_Protocol):
 
     protocol: str
     max_requests: int  # lines per input file the provider accepts
+    max_bytes: int  # and bytes
 
     async def line(self, item: Item) -> dict[str, Any]: ...
 

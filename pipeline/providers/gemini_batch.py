@@ -51,7 +51,8 @@ def read_line(line: dict[str, Any]) -> tuple[str | None, list[str] | ItemError, 
 
 class BatchClient:
     protocol = "gemini"
-    max_requests = 1_000_000  # the input file's limit is 2 GB, not a count
+    max_requests = 1_000_000  # the input file's limit is in bytes
+    max_bytes = 2_000_000_000
 
     def __init__(
         self, session: aiohttp.ClientSession, base_url: str, key: Secret, spec: ProviderSpec

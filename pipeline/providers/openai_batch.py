@@ -60,7 +60,8 @@ def read_line(line: dict[str, Any]) -> tuple[str | None, list[str] | ItemError, 
 
 class OpenAIBatchClient:
     protocol = "openai-images"
-    max_requests = 50_000  # per input file (and 200 MB: lines without reference images stay far under)
+    max_requests = 50_000  # lines per input file
+    max_bytes = 200_000_000  # bytes per input file
 
     def __init__(
         self,

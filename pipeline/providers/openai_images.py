@@ -57,12 +57,13 @@ def size_for(item: Item, model: str, catalog: Catalog) -> str:
 def request_fields(item: Item, spec: ProviderSpec, size: str) -> dict[str, Any]:
     """The fields of a generation or an edit (section 1): one image, the provider's options."""
     fields: dict[str, Any] = {"model": spec.model or item.model, "prompt": item.prompt, "n": 1, "size": size}
-    options = {
+    options: dict[str, str | None] = {
         "quality": spec.quality,
         "output_format": spec.output_format,
         "background": spec.background,
         "moderation": spec.moderation,
     }
+    options |= dict(item.options)  # the job's own over the provider's
     return fields | {key: value for key, value in options.items() if value}
 
 
