@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return ExitCode.USAGE
+    except BrokenPipeError:  # the reader went away (`| head`): stop writing, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OutputLockedError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return ExitCode.TEMPORARY
@@ -201,11 +204,8 @@ def _models(args: argparse.Namespace) -> int:
         sizes = ", ".join(model.image_sizes) or "-"
         ratios = f"{len(model.aspect_ratios)} ratios" + (", any within bounds" if entry.any_ratio else "")
         price = model.price(None)
-        life = (
-            f"shut down {entry.shutdown}"
-            if entry.shutdown and entry.shutdown <= today
-            else (f"shuts down {entry.shutdown}" if entry.shutdown else "")
-        )
+        passed = " (passed)" if entry.shutdown and entry.shutdown <= today else ""
+        life = f"announced shutdown {entry.shutdown}{passed}" if entry.shutdown else ""
         life += f" -> {entry.replacement}" if entry.replacement and life else ""
         priced = f"${price:g}" if price is not None else "price unknown"
         protocols = ", ".join(entry.protocols)

@@ -646,9 +646,9 @@ def lifecycle_warnings(place: str, model: Model, today: date) -> list[str]:
     shutdown = model.entry.shutdown
     if shutdown is None or (shutdown - today).days > SHUTDOWN_WARNING_DAYS:
         return []
-    then = "was shut down" if shutdown <= today else "shuts down"
+    when = "has passed" if shutdown <= today else "is within 30 days"
     instead = f": use {model.entry.replacement}" if model.entry.replacement else ""
-    return [f"{place}: {model.name} {then} on {shutdown.isoformat()} (as announced){instead}"]
+    return [f"{place}: {model.name}'s announced shutdown ({shutdown.isoformat()}) {when}{instead}"]
 
 
 def _size_problem(model: Model, size: str | None) -> str | None:

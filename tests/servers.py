@@ -133,6 +133,7 @@ def postgres_server() -> Iterator[Postgres]:
     )
     try:
         _wait_port(port, server, folder / "log")
+        _wait_ready(Postgres(port, password))
         yield Postgres(port, password)
     finally:
         server.send_signal(signal.SIGINT)  # fast shutdown
@@ -186,6 +187,21 @@ def s3_server() -> Iterator[S3]:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+def _wait_ready(server: Postgres) -> None:
+    """The port answers before the server takes connections ("the database system is starting up")."""
+    import psycopg
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with psycopg.connect(server.url(), password=server.password, connect_timeout=5):
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path | None) -> None:

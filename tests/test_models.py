@@ -96,11 +96,11 @@ def test_ratios_by_the_model(name: str, ratio: str, takes: bool) -> None:
 def test_lifecycle_warnings_are_pure() -> None:
     preview = model("gemini-3-pro-image-preview")
     assert lifecycle_warnings("m.yaml: api.model", preview, date(2026, 12, 4)) == [
-        "m.yaml: api.model: gemini-3-pro-image-preview was shut down on 2026-06-25 (as announced):"
+        "m.yaml: api.model: gemini-3-pro-image-preview's announced shutdown (2026-06-25) has passed:"
         " use gemini-3-pro-image"
     ]
     assert lifecycle_warnings("x", preview, date(2026, 6, 1)) == [
-        "x: gemini-3-pro-image-preview shuts down on 2026-06-25 (as announced): use gemini-3-pro-image"
+        "x: gemini-3-pro-image-preview's announced shutdown (2026-06-25) is within 30 days: use gemini-3-pro-image"
     ]
     assert lifecycle_warnings("x", preview, date(2026, 5, 1)) == []  # more than 30 days away
     assert lifecycle_warnings("x", model(NANO2), date(2026, 12, 4)) == []
@@ -240,7 +240,11 @@ def test_a_model_described_in_the_manifest(tmp_path: Path, capsys: pytest.Captur
 def test_pipeline_models_lists_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     assert run("models") == 0
     listed = capsys.readouterr().out
-    assert NANO2 in listed and "gemini-3-pro-image-preview" in listed and "shut down 2026-06-25" in listed
+    assert (
+        NANO2 in listed
+        and "gemini-3-pro-image-preview" in listed
+        and "announced shutdown 2026-06-25 (passed)" in listed
+    )
     assert run("models", "--json") == 0
     entries = json.loads(capsys.readouterr().out)
     assert entries[NANO2]["image_sizes"] == ["512", "1K", "2K", "4K"] and entries["gpt-image-2"][
@@ -252,7 +256,7 @@ def test_a_retired_model_is_a_warning_at_validate(tmp_path: Path, capsys: pytest
     path = write_manifest(tmp_path, [{"prompt": "x"}], api={"model": "gemini-3-pro-image-preview"})
     assert run("validate", path) == 0
     assert (
-        "gemini-3-pro-image-preview was shut down on 2026-06-25 (as announced): use gemini-3-pro-image"
+        "gemini-3-pro-image-preview's announced shutdown (2026-06-25) has passed: use gemini-3-pro-image"
         in (capsys.readouterr().err)
     )
 
