@@ -98,11 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     _where_options(status)
     status.set_defaults(command=_status)
 
-    export = commands.add_parser("export", help="write an output folder as WebDataset tar shards")
+    export = commands.add_parser("export", help="write an output as WebDataset shards or Hub-ready parquet")
     export.add_argument("target", metavar="OUTPUT|MANIFEST")
     _where_options(export)
-    export.add_argument("--format", choices=("webdataset",), default="webdataset")
-    export.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
+    export.add_argument("--format", choices=("webdataset", "parquet"), default="webdataset")
+    export.add_argument("--shard-size", type=_positive, default=1000, help="webdataset: samples per shard")
+    export.add_argument("--shard-size-mb", type=float, default=500.0, help="parquet: MB per shard (about)")
+    export.add_argument(
+        "--license", default="other", help="parquet: the card's license (an SPDX id, or other)"
+    )
     export.add_argument("--to", help="destination folder or URL (default: OUTPUT/webdataset)")
     export.set_defaults(command=_export)
 
@@ -424,13 +428,38 @@ def _status(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     store, state = _open_target(args)
+    default = "parquet/" if args.format == "parquet" else "webdataset/"
     target, prefix = (
-        (open_store(args.to, storage_options(None, args.storage_option)), "")
-        if args.to
-        else (store, "webdataset/")
+        (open_store(args.to, storage_options(None, args.storage_option)), "") if args.to else (store, default)
     )
+    if args.format == "parquet":
+        return _export_parquet(
+            args, store, state, target if args.to else open_store(f"{store.url}/parquet", {})
+        )
     shards = export_webdataset(store, state, target, prefix, args.shard_size)
     print(f"{len(shards)} shard(s) of up to {args.shard_size} samples in {target.url}/{prefix}")
+    return 0
+
+
+def _export_parquet(args: argparse.Namespace, store: Store, state: State, target: Store) -> int:
+    try:
+        from pipeline.parquet import export_parquet
+    except ImportError as exc:
+        raise ManifestError(
+            [f"--format parquet needs pyarrow: pip install 'imagegen-pipeline[parquet]' ({exc})"]
+        ) from exc
+    total = state.counts()["done"]  # the state is closed by the export
+    bar = tqdm(total=total, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
+    try:
+        shards = export_parquet(
+            store, state, target, args.shard_size_mb, args.license, lambda: bar.update(1) and None
+        )
+    finally:
+        bar.close()
+    print(
+        f"{len(shards)} parquet shard(s) and a dataset card in {target.url}/ (publish: hf upload REPO"
+        f" {target.url} --repo-type dataset)"
+    )
     return 0
 
 
