@@ -81,12 +81,7 @@ class Downloader:
             tmp.unlink(missing_ok=True)
 
     def _inline(self, ref: str) -> bytes:
-        try:
-            data = decode_data_uri(ref)
-        except ValueError as exc:
-            raise UrlGoneError(f"inline image unreadable: {exc}", kind="bad_image") from exc
-        self._check_size(len(data))
-        return data
+        return inline_image(ref, self._max_bytes)
 
     async def _stream(self, url: str, tmp: Path) -> bytes | None:
         """The body if it fits in one chunk (written later, in one worker call), else None once it
@@ -120,10 +115,7 @@ class Downloader:
         return None if out is not None else head
 
     def _check_size(self, size: int) -> None:
-        if size > self._max_bytes:
-            raise PermanentError(
-                f"image larger than the {self._max_bytes} byte download cap", kind="too_large"
-            )
+        check_size(size, self._max_bytes)
 
     def _commit(
         self, tmp: Path, name: str, data: bytes | None, replace: bool, guard: Callable[[], bool]
@@ -139,6 +131,21 @@ class Downloader:
                 raise StorageError(f"{relative} exists and is not a usable image")
             return found
         return StoredImage(relative, digest, size, width, height)
+
+
+def inline_image(ref: str, max_bytes: int) -> bytes:
+    """The bytes of an image given inline (a `data:` URI), under the download cap."""
+    try:
+        data = decode_data_uri(ref)
+    except ValueError as exc:
+        raise UrlGoneError(f"inline image unreadable: {exc}", kind="bad_image") from exc
+    check_size(len(data), max_bytes)
+    return data
+
+
+def check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise PermanentError(f"image larger than the {max_bytes} byte download cap", kind="too_large")
 
 
 def spool_verified(data: bytes | None, tmp: Path, durable: bool) -> tuple[str, int, int, str, int]:

@@ -59,7 +59,7 @@ class Recorder:
         self._model = model  # the items' model in the catalog (None: sizes are not checked)
         self._fail_mismatches = fail_mismatches or set()  # providers whose other sizes are failures
         self._on_misconfigured = on_misconfigured  # (provider, why)
-        self._in_a_row: dict[str, int] = {}  # mismatches in a row per provider (-1: one has matched)
+        self._matched: set[str] = set()  # providers an image of the asked size has come from
 
     def generated(self, item: Item, url: str | None, attempts: int, provider: str) -> None:
         """A paid reply whose image is still to be fetched: committed soon, without waiting for it."""
@@ -101,7 +101,7 @@ class Recorder:
         )
         if matches is not False or model is None:
             if matches:
-                self._in_a_row[provider] = -1
+                self._matched.add(provider)
             return None
         expected = model.expected(item.aspect_ratio, item.image_size)
         wanted = f"{item.aspect_ratio}{f' at {item.image_size}' if item.image_size else ''}"
@@ -114,11 +114,10 @@ class Recorder:
                 f"{text}: {provider or 'the provider'} may ignore the asked size (counted, not shown again)"
             )
             self._emit(EventKind.WARNING, item, said, provider)
-        if self._in_a_row.get(provider, 0) >= 0:
-            self._in_a_row[provider] = self._in_a_row.get(provider, 0) + 1
-            if provider in self._fail_mismatches and self._in_a_row[provider] == MISMATCHES_TO_DISABLE:
-                why = f"{MISMATCHES_TO_DISABLE} images in a row of another size than asked ({text})"
-                self._on_misconfigured(provider, why)
+        failing = provider in self._fail_mismatches and provider not in self._matched
+        if failing and self._summary.size_mismatches[provider] == MISMATCHES_TO_DISABLE:  # all in a row
+            why = f"{MISMATCHES_TO_DISABLE} images in a row of another size than asked ({text})"
+            self._on_misconfigured(provider, why)
         return text
 
     def fail(self, item: Item, error: ItemError, attempts: int, provider: str = "") -> None:
