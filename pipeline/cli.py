@@ -374,6 +374,7 @@ def _status(args: argparse.Namespace) -> int:
     store, state = _open_target(args)
     with state:
         counts, last, jobs, workers = state.counts(), state.last_run(), state.batch_jobs(), state.workers()
+        counts["done_by_model"] = state.done_by_model()
     output = store.url
     providers = ((last or {}).get("summary") or {}).get("providers") or {}
     if args.json:

@@ -27,7 +27,7 @@ def write_report(store: Store, state: State) -> str:
     with state:
         images = [json.loads(line) for _, line in zip(range(MAX_CARDS), state.images(), strict=False)]
         failures = list(state.failures())
-        counts, last = state.counts(), state.last_run()
+        counts, last = state.counts() | {"done_by_model": state.done_by_model()}, state.last_run()
     store.prepare()
     try:
         for row in images:
@@ -112,7 +112,7 @@ def _figures(counts: dict[str, Any], last: dict[str, Any] | None) -> str:
         ("failed", counts["failed"]),
         ("in progress", counts["in_progress"]),
     ]
-    figures += [(f"model {name}", n) for name, n in sorted(counts.get("done_by_model", {}).items())]
+    figures += [(f"model {name}", n) for name, n in sorted(counts["done_by_model"].items())]
     summary = (last or {}).get("summary") or {}
     if last:
         figures += [

@@ -28,7 +28,14 @@ def items(n: int, prompt: str = "p") -> list[Item]:
 
 
 def metadata(item: Item) -> dict[str, object]:
-    return {"file_name": f"images/{item.name}.png", "sha256": "0" * 64, "id": item.id, "index": item.index}
+    return {
+        "file_name": f"images/{item.name}.png",
+        "sha256": "0" * 64,
+        "id": item.id,
+        "index": item.index,
+        "model": item.model,
+        "served_model": "served-m",
+    }
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -63,6 +70,7 @@ def test_both_backends_record_and_read_back_the_same(state: State) -> None:
     assert [f["error_type"] for f in state.failures()] == ["refused"]
     counts = state.counts()
     assert (counts["done"], counts["failed"], counts["in_progress"]) == (1, 1, 1)
+    assert state.done_by_model() == {"served-m": 1}  # read from the image's metadata, on both backends
     last = state.last_run()
     assert last is not None and last["exit_code"] == 1 and last["summary"] == {"done": 1}
 

@@ -228,19 +228,21 @@ class State:
         reasons = dict(
             self._x("SELECT error_type, count(*) FROM items WHERE status = 'failed' GROUP BY 1").fetchall()
         )
-        model = f"coalesce({self._field('served_model')}, {self._field('model')})"
-        by_model = dict(
-            self._x(f"SELECT {model}, count(*) FROM items WHERE status = 'done' GROUP BY 1").fetchall()
-        )
         return {
             "items": sum(by_status.values()),
             "done": by_status.get(Status.DONE, 0),
-            "done_by_model": by_model,  # the served model where the reply named one
             "failed": by_status.get(Status.FAILED, 0),
             "in_progress": by_status.get(Status.URL, 0),
             "pending": by_status.get(Status.NEW, 0),
             "failed_by_reason": reasons,
         }
+
+    def done_by_model(self) -> dict[str, int]:
+        """Images by the model that made them: the served model where the reply named one. It reads
+        every image's metadata: for `status` and the report, not for a progress bar's polls."""
+        model = f"coalesce({self._field('served_model')}, {self._field('model')})"
+        query = f"SELECT {model}, count(*) FROM items WHERE status = 'done' GROUP BY 1"
+        return dict(self._x(query).fetchall())
 
     # -- workers (one, here)
 
