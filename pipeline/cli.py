@@ -429,20 +429,19 @@ def _status(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     store, state = _open_target(args)
-    default = "parquet/" if args.format == "parquet" else "webdataset/"
     target, prefix = (
-        (open_store(args.to, storage_options(None, args.storage_option)), "") if args.to else (store, default)
+        (open_store(args.to, storage_options(None, args.storage_option)), "")
+        if args.to
+        else (store, f"{args.format}/")
     )
     if args.format == "parquet":
-        return _export_parquet(
-            args, store, state, target if args.to else open_store(f"{store.url}/parquet", {})
-        )
+        return _export_parquet(args, store, state, target, prefix)
     shards = export_webdataset(store, state, target, prefix, args.shard_size)
     print(f"{len(shards)} shard(s) of up to {args.shard_size} samples in {target.url}/{prefix}")
     return 0
 
 
-def _export_parquet(args: argparse.Namespace, store: Store, state: State, target: Store) -> int:
+def _export_parquet(args: argparse.Namespace, store: Store, state: State, target: Store, prefix: str) -> int:
     try:
         from pipeline.parquet import export_parquet
     except ImportError as exc:
@@ -452,14 +451,13 @@ def _export_parquet(args: argparse.Namespace, store: Store, state: State, target
     total = state.counts()["done"]  # the state is closed by the export
     bar = tqdm(total=total, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
-        shards = export_parquet(
-            store, state, target, args.shard_size_mb, args.license, lambda: bar.update(1) and None
-        )
+        shards = export_parquet(store, state, target, prefix, args.shard_size_mb, args.license, bar.update)
     finally:
         bar.close()
+    where = f"{target.url}/{prefix}".rstrip("/")
     print(
-        f"{len(shards)} parquet shard(s) and a dataset card in {target.url}/ (publish: hf upload REPO"
-        f" {target.url} --repo-type dataset)"
+        f"{len(shards)} parquet shard(s) and a dataset card in {where}/"
+        f" (publish: hf upload REPO {where} --repo-type dataset)"
     )
     return 0
 

@@ -61,12 +61,13 @@ def export_parquet(
     store: Store,
     state: State,
     target: Store,
+    prefix: str,
     shard_size_mb: float,
     license_id: str,
     on_row: Callable[[], object] = lambda: None,
 ) -> list[str]:
-    """Write `store`'s images and metadata as parquet shards and a card into `target`; the shards'
-    names. Each shard is written whole in the spool before it is put in place."""
+    """Write `store`'s images and metadata as parquet shards and a card into `target` (under
+    `prefix`); the shards' names. Each shard is written whole in the spool before it is put in place."""
     target.prepare()
     figures = Figures()
     spooled: list[Any] = []
@@ -87,12 +88,12 @@ def export_parquet(
     names = []
     try:
         for n, path in enumerate(spooled):
-            name = f"data/train-{n:05d}-of-{len(spooled):05d}.parquet"
+            name = f"{prefix}data/train-{n:05d}-of-{len(spooled):05d}.parquet"
             target.put(path, name, replace=True)
             names.append(f"{target.url}/{name}")
         card = target.spool / ".README.md"
         card.write_text(figures.card(license_id, len(spooled)), encoding="utf-8")
-        target.put(card, "README.md", replace=True)
+        target.put(card, f"{prefix}README.md", replace=True)
     finally:
         target.close()
     return names

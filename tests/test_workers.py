@@ -182,9 +182,11 @@ def test_status_report_and_export_read_an_s3_output(
     s3_url: str,
     s3_options: dict[str, str],
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     manifest = manifest_for(tmp_path, 5)
     assert run("run", manifest, *where(pg_url, s3_url, s3_options)) == 0
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # from here the S3 server is known by --storage-option only
     capsys.readouterr()
     assert run("status", s3_url, *reading(pg_url, s3_options), "--json") == 0
     status = json.loads(capsys.readouterr().out)
@@ -196,6 +198,11 @@ def test_status_report_and_export_read_an_s3_output(
     assert b"lighthouse" in fs.cat_file(f"{s3_url}/report.html")
     assert len(fs.find(f"{s3_url}/thumbs")) == 5
     assert len(fs.find(f"{s3_url}/webdataset")) == 3
+    assert run("export", s3_url, *reading(pg_url, s3_options), "--format", "parquet") == 0
+    assert sorted(path.rsplit("/", 1)[1] for path in fs.find(f"{s3_url}/parquet")) == [
+        "README.md",
+        "train-00000-of-00001.parquet",
+    ]
 
 
 def test_the_s3_output_loads_with_datasets(
